@@ -1,0 +1,60 @@
+"""Loads the compiled extensions (``fused_ddpm._C``, ``fused_ddpm._C_cuda``) if present.
+
+The shared objects register ``torch.ops.fused_ddpm.*`` ops (schemas in ``csrc/ops.cpp``)
+and are loaded with ``torch.ops.load_library``; they define no Python module. A missing or
+broken build never breaks ``import fused_ddpm``: the reason is kept for
+:func:`fused_ddpm.backends`.
+"""
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+from typing import Dict, Optional
+
+import torch
+
+_status: Dict[str, Optional[str]] = {}   # module name -> None if loaded, else why not
+
+
+def _load(name: str) -> Optional[str]:
+    try:
+        spec = importlib.util.find_spec(f"fused_ddpm.{name}")
+    except (ImportError, ValueError) as e:  # pragma: no cover
+        return f"cannot look up fused_ddpm.{name}: {e}"
+    if spec is None or spec.origin is None:
+        return f"fused_ddpm.{name} was not built (see build_info())"
+    try:
+        torch.ops.load_library(spec.origin)
+    except Exception as e:  # a stale or ABI-mismatched build
+        return f"fused_ddpm.{name} failed to load: {e}"
+    return None
+
+
+def load() -> Dict[str, Optional[str]]:
+    """Load ``_C`` then ``_C_cuda`` once; returns {name: None or the reason it is missing}."""
+    if not _status:
+        _status["_C"] = _load("_C")
+        if _status["_C"] is not None:
+            _status["_C_cuda"] = "needs fused_ddpm._C, which is missing"
+        else:
+            _status["_C_cuda"] = _load("_C_cuda")
+    return _status
+
+
+def has_op(name: str) -> bool:
+    """Whether ``torch.ops.fused_ddpm.<name>`` exists (after loading the extensions)."""
+    load()
+    try:
+        getattr(torch.ops.fused_ddpm, name)
+        return True
+    except (AttributeError, RuntimeError):
+        return False
+
+
+def build_info() -> dict:
+    """What ``setup.py`` recorded about the build (torch, CUDA, archs), if anything."""
+    path = Path(__file__).with_name("_build_info.json")
+    if path.exists():
+        return json.loads(path.read_text())
+    return {"note": "no build record (pure-Python install or source checkout)"}
