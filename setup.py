@@ -11,6 +11,7 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 from setuptools import setup
@@ -44,8 +45,11 @@ def _extensions():
     include = [str(HERE / "csrc")]
     cpu_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp")
                          if not p.name.endswith("_cuda.cpp"))
+    # at::parallel_for is OpenMP code inlined from ATen's headers: without -fopenmp the
+    # CPU kernel would run on one thread (torch's own libgomp satisfies the link at runtime).
+    omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     exts = [CppExtension("fused_ddpm._C", cpu_sources, include_dirs=include,
-                         extra_compile_args={"cxx": cxx})]
+                         extra_compile_args={"cxx": cxx + omp}, extra_link_args=omp)]
     if want_cuda:
         cuda_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").iterdir()
                               if p.suffix == ".cu" or p.name.endswith("_cuda.cpp"))

@@ -1,0 +1,194 @@
+"""What the harness can measure: providers, modes, shapes, dtypes, and the presets.
+
+A run is a list of *groups*; each group is the cross product of its providers, modes, shapes
+and dtypes. The command line builds one group (``--providers/--modes/--shapes/--dtypes``);
+a preset (``--preset cpu|gpu|quick``) is a list of groups (command-line options that are
+given explicitly replace the matching field in every group of the preset).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field, replace
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+# ------------------------------------------------------------------------------ providers
+#: provider name -> one-line description (the order is the table order)
+PROVIDERS: Dict[str, str] = {
+    "cuda": "fused step, CUDA backend (fused_ddpm.ddpm_step(backend='cuda'))",
+    "triton": "fused step, Triton backend (backend='triton'; CUDA only here)",
+    "cpu": "fused step, C++ CPU backend (backend='cpu')",
+    "sample": "fused_ddpm.sample(...) loop (loop modes only; optional, detected with hasattr)",
+    "reference": "eager PyTorch reference (fused_ddpm.reference.ddpm_step)",
+    "compile": "torch.compile(fused_ddpm.reference.ddpm_step)",
+    "diffusers": "diffusers DDPMScheduler.step (clip_sample=False, fixed_small, epsilon)",
+    "randn": "torch.randn alone, the noise floor (mode 'baseline')",
+    "copy": "y.copy_(x), the bandwidth ceiling (mode 'baseline'; always measured)",
+}
+FUSED = ("cuda", "triton", "cpu")
+BASELINE_PROVIDERS = ("randn", "copy")
+
+# ------------------------------------------------------------------------------ modes
+#: mode name -> description. "baseline" is where randn and copy are recorded (once per
+#: shape and dtype, shared by every mode).
+MODES: Dict[str, str] = {
+    "fwd-seeds": "forward, noise generated inside the step (fused: in-kernel Philox from "
+                 "seeds; peers: torch.randn inside the step) - floor 3 passes",
+    "fwd-noise": "forward, external noise tensor passed in - floor 4 passes",
+    "bwd": "backward only: grad of sum(y) w.r.t. x and model_output (gy = ones, "
+           "materialised; in-kernel/own noise) - floor 3 passes (read gy, write gx, gm)",
+    "loop": "1000-step loop without a model (x <- step(x, m, t), t = 999..0), eager "
+            "Python loop - floor 3 passes per step",
+    "loop-graph": "the same 1000-step loop captured whole in one CUDA graph (GPU only)",
+}
+STEP_MODES = ("fwd-seeds", "fwd-noise", "bwd")
+LOOP_MODES = ("loop", "loop-graph")
+
+#: bytes moved per element, in units of one tensor pass
+PASSES = {"fwd-seeds": 3, "fwd-noise": 4, "bwd": 3, "loop": 3, "loop-graph": 3,
+          "copy": 2, "randn": 1}
+
+LOOP_STEPS = 1000
+
+# ------------------------------------------------------------------------------ shapes
+SHAPES: Dict[str, Tuple[int, ...]] = {
+    "sd-latent": (1, 4, 64, 64),          # SD 1.x latent, batch 1 (launch-bound)
+    "sdxl-latent-b8": (8, 4, 128, 128),   # SDXL latent, batch 8
+    "cifar-b128": (128, 3, 32, 32),       # CIFAR-10 pixel space, batch 128
+    "img256-b16": (16, 3, 256, 256),
+    "img512-b64": (64, 3, 512, 512),      # DESIGN.md section 5 headline shape
+    "video-latent": (1, 4, 16, 64, 64),   # 5-D video latent [B, C, T, H, W]
+}
+
+DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
+                                  "bf16": torch.bfloat16}
+
+
+def parse_shape(spec: str) -> Tuple[str, Tuple[int, ...]]:
+    """A shape name from :data:`SHAPES` or an explicit ``BxCxHxW[...]`` spec."""
+    spec = spec.strip()
+    if spec in SHAPES:
+        return spec, SHAPES[spec]
+    if re.fullmatch(r"\d+(x\d+){2,}", spec):
+        return spec, tuple(int(s) for s in spec.split("x"))
+    raise ValueError(f"unknown shape {spec!r}: use one of {list(SHAPES)} or e.g. 2x4x32x32")
+
+
+def _split(value: Optional[str], known: Sequence[str], what: str) -> Optional[List[str]]:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if items == ["all"]:
+        return list(known)
+    bad = [v for v in items if v not in known]
+    if bad:
+        raise ValueError(f"unknown {what} {bad}; choose from {list(known)} or 'all'")
+    return items
+
+
+def parse_providers(value): return _split(value, list(PROVIDERS), "provider")
+def parse_modes(value): return _split(value, list(MODES), "mode")
+def parse_dtypes(value): return _split(value, list(DTYPES), "dtype")
+
+
+def parse_shapes(value: Optional[str]) -> Optional[List[str]]:
+    if value is None:
+        return None
+    items = [v.strip() for v in value.split(",") if v.strip()]
+    if items == ["all"]:
+        return list(SHAPES)
+    for v in items:
+        parse_shape(v)
+    return items
+
+
+# ------------------------------------------------------------------------------ groups
+@dataclass
+class Group:
+    providers: List[str]
+    modes: List[str]
+    shapes: List[str]
+    dtypes: List[str]
+
+
+@dataclass
+class Settings:
+    """How long and how often to measure (per case)."""
+
+    repeats: int = 10          # timed repeats; the row's number is their median
+    min_repeat_s: float = 0.002  # each repeat runs enough calls to last at least this long
+    warmup_s: float = 0.02     # warm-up time after the first (untimed) call
+    loop_repeats: int = 3      # timed repeats of a whole 1000-step loop
+    timer: str = "auto"        # "auto" (events on CUDA, wall clock on CPU), "events", "do_bench"
+    rotate: bool = True        # rotate inputs among buffers when the working set fits in cache
+
+
+@dataclass
+class Preset:
+    groups: List[Group]
+    settings: Settings = field(default_factory=Settings)
+    description: str = ""
+
+
+ALL_STEP_PROVIDERS = ["cuda", "triton", "cpu", "reference", "compile", "diffusers", "randn", "copy"]
+LOOP_PROVIDERS = ["cuda", "triton", "cpu", "sample", "reference", "compile", "diffusers"]
+SEC5_SHAPES = ["sd-latent", "img512-b64"]
+
+PRESETS: Dict[str, Preset] = {
+    # Tiny: one small shape, one dtype, few repeats; CPU-friendly, for tests and smoke runs.
+    "quick": Preset(
+        groups=[Group(["cuda", "triton", "cpu", "reference", "diffusers", "randn", "copy"],
+                      ["fwd-seeds", "fwd-noise", "bwd"], ["1x4x16x16"], ["fp32"])],
+        settings=Settings(repeats=3, min_repeat_s=0.001, warmup_s=0.005, loop_repeats=1),
+        description="tiny smoke run (1x4x16x16 fp32, no torch.compile, no loops)"),
+    # Modest CPU run: finishes in a few minutes on a 2-core machine.
+    "cpu": Preset(
+        groups=[
+            Group(ALL_STEP_PROVIDERS, list(STEP_MODES),
+                  ["sd-latent", "cifar-b128", "video-latent"], ["fp32", "bf16"]),
+            Group(LOOP_PROVIDERS, ["loop"], ["sd-latent"], ["fp32"]),
+        ],
+        settings=Settings(repeats=7, min_repeat_s=0.005, warmup_s=0.02, loop_repeats=3),
+        description="CPU: 3 small shapes x fp32/bf16 x fwd/bwd, 1000-step loop on the SD latent"),
+    # Full DESIGN.md section 5 set on a GPU (~3 min on an H200).
+    "gpu": Preset(
+        groups=[
+            Group([p for p in ALL_STEP_PROVIDERS if p != "compile"], list(STEP_MODES),
+                  list(SHAPES), list(DTYPES)),
+            # torch.compile costs seconds of compilation per (shape, dtype, mode): the
+            # section 5 shapes only (run `--providers compile --shapes all` for the rest).
+            Group(["compile"], list(STEP_MODES), SEC5_SHAPES, list(DTYPES)),
+            Group(LOOP_PROVIDERS, list(LOOP_MODES), ["sd-latent", "cifar-b128"], list(DTYPES)),
+        ],
+        settings=Settings(repeats=25, min_repeat_s=0.001, warmup_s=0.025, loop_repeats=5),
+        description="GPU: DESIGN.md section 5 - all shapes, dtypes, modes and providers"),
+}
+
+
+def override(preset: Preset, providers=None, modes=None, shapes=None, dtypes=None) -> Preset:
+    """The preset with every given field replacing that field in each group.
+
+    ``modes`` in a multi-group preset keeps, per group, only the given modes that group
+    has (so ``--preset gpu --modes loop`` runs only the loop group); groups left empty are
+    dropped, identical groups merged."""
+    multi = len(preset.groups) > 1
+    out, seen = [], set()
+    for g in preset.groups:
+        gm = list(g.modes)
+        if modes is not None:
+            gm = [m for m in modes if m in g.modes] if multi else list(modes)
+        ng = Group(list(providers) if providers is not None else list(g.providers), gm,
+                   list(shapes) if shapes is not None else list(g.shapes),
+                   list(dtypes) if dtypes is not None else list(g.dtypes))
+        key = (tuple(ng.providers), tuple(ng.modes), tuple(ng.shapes), tuple(ng.dtypes))
+        if ng.providers and ng.modes and ng.shapes and ng.dtypes and key not in seen:
+            seen.add(key)
+            out.append(ng)
+    if not out and modes:
+        # the given modes are in no group of the preset: one group of everything
+        out = [Group(list(providers or dict.fromkeys(p for g in preset.groups for p in g.providers)),
+                     list(modes),
+                     list(shapes or dict.fromkeys(s for g in preset.groups for s in g.shapes)),
+                     list(dtypes or dict.fromkeys(d for g in preset.groups for d in g.dtypes)))]
+    return replace(preset, groups=out)

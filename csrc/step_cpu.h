@@ -1,0 +1,15 @@
+// Entry points of the C++ CPU kernels (step_cpu.cpp); the torch wrappers are in ops.cpp.
+#pragma once
+
+#include <stdint.h>
+
+#include "step_params.h"
+
+namespace fused_ddpm {
+
+void step_forward_cpu(const StepParams& p);
+void step_backward_cpu(const StepParams& p);
+void philox_uint32_cpu(const int64_t* seeds, int64_t seeds_stride, const int64_t* t,
+                       int64_t t_stride, int64_t B, int64_t numel, int64_t* out);
+
+}  // namespace fused_ddpm

@@ -1,0 +1,219 @@
+"""The reference step vs the closed forms of the derivation and vs diffusers (float64)."""
+import itertools
+
+import pytest
+import torch
+
+import fused_ddpm as fd
+from fused_ddpm.coefficients import PREDICTION_TYPES, VARIANCE_TYPES
+from fused_ddpm.schedule import BETA_SCHEDULES
+
+from helpers import random_inputs
+
+diffusers = pytest.importorskip("diffusers")
+SHAPE = (3, 2, 5, 7)
+
+
+def _rel(a, b):
+    return float((a - b).abs().max() / b.abs().max().clamp(min=1e-30))
+
+
+# ------------------------------------------------------------------ closed forms (seed derivation)
+@pytest.mark.parametrize("beta_schedule", ["linear", "squaredcos_cap_v2"])
+@pytest.mark.parametrize("n", [None, 37])
+def test_epsilon_mean_is_seed_formula(beta_schedule, n):
+    sched = fd.NoiseSchedule(beta_schedule=beta_schedule)
+    c = fd.step_coefficients(sched, num_inference_steps=n)
+    g = torch.Generator().manual_seed(1)
+    x, eps, _ = random_inputs(c, SHAPE, generator=g)
+    ts = c.timesteps
+    t = ts[torch.randint(len(ts), (SHAPE[0],), generator=g)]
+    mean = fd.reference.ddpm_step(x, eps, t, c, noise=torch.zeros_like(x))
+    abar = sched.alphas_cumprod
+    prev = c.prev_timesteps[t]
+    ab_t = abar[t].reshape(-1, 1, 1, 1)
+    ab_p = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.ones(())).reshape(-1, 1, 1, 1)
+    alpha = ab_t / ab_p
+    # μ = (1/√α_t)(x_t − (1−α_t)/√(1−ᾱ_t) ε)
+    seed = (x - (1 - alpha) / (1 - ab_t).sqrt() * eps) / alpha.sqrt()
+    # μ = μ̃(x_t, x̂0) with x̂0 = (x_t − √(1−ᾱ_t) ε)/√ᾱ_t
+    x0 = (x - (1 - ab_t).sqrt() * eps) / ab_t.sqrt()
+    posterior = ab_p.sqrt() * (1 - alpha) / (1 - ab_t) * x0 + alpha.sqrt() * (1 - ab_p) / (1 - ab_t) * x
+    assert _rel(mean, seed) <= 1e-10
+    assert _rel(mean, posterior) <= 1e-10
+
+
+@pytest.mark.parametrize("method", ["ddpm", "ddim"])
+@pytest.mark.parametrize("n", [None, 25])
+def test_parameterizations_agree(method, n):
+    sched = fd.NoiseSchedule()
+    g = torch.Generator().manual_seed(2)
+    x0 = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+    eps = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+    base = fd.step_coefficients(sched, method=method, num_inference_steps=n, eta=0.5)
+    t = base.timesteps[torch.randint(len(base.timesteps), (SHAPE[0],), generator=g)]
+    ab = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
+    preds = {"epsilon": eps, "sample": x0, "v_prediction": ab.sqrt() * eps - (1 - ab).sqrt() * x0}
+    z = torch.zeros_like(x_t)
+    means = {}
+    for p, m in preds.items():
+        c = fd.step_coefficients(sched, method=method, prediction_type=p, num_inference_steps=n,
+                                 eta=0.5)
+        means[p], x0_hat = fd.reference.ddpm_step(x_t, m, t, c, noise=z, return_x0=True)
+        assert _rel(x0_hat, x0) <= 1e-10
+    assert _rel(means["sample"], means["epsilon"]) <= 1e-10
+    assert _rel(means["v_prediction"], means["epsilon"]) <= 1e-10
+
+
+# ------------------------------------------------------------------ diffusers, float64 tables
+def _stock_ddpm(sched, **kw):
+    d = diffusers.DDPMScheduler(num_train_timesteps=sched.num_train_timesteps, **kw)
+    d.betas = sched.betas.clone()
+    d.alphas = 1 - sched.betas
+    d.alphas_cumprod = sched.alphas_cumprod.clone()
+    d.one = torch.tensor(1.0, dtype=torch.float64)
+    return d
+
+
+def _stock_ddim(sched, set_alpha_to_one, **kw):
+    d = diffusers.DDIMScheduler(num_train_timesteps=sched.num_train_timesteps,
+                                set_alpha_to_one=set_alpha_to_one, **kw)
+    d.alphas_cumprod = sched.alphas_cumprod.clone()
+    d.final_alpha_cumprod = (torch.tensor(1.0, dtype=torch.float64) if set_alpha_to_one
+                             else sched.alphas_cumprod[0].clone())
+    return d
+
+
+def _clip_kwargs(mode):
+    if mode == "none":
+        return dict(clip_sample=False), dict()
+    if mode == "clip":
+        return dict(clip_sample=True, clip_sample_range=1.3), dict(clip_sample_range=1.3)
+    return (dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5),
+            dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.5))
+
+
+def _learned_ok(m, C, variance_type):
+    if variance_type == "learned":
+        m[:, C:] = m[:, C:].abs() + 0.05
+    elif variance_type == "learned_range":
+        m[:, C:] = m[:, C:].clamp(-1, 1)
+    return m
+
+
+DDPM_GRID = list(itertools.product(PREDICTION_TYPES, VARIANCE_TYPES,
+                                   ["none", "clip", "threshold"]))
+
+
+@pytest.mark.parametrize("prediction_type, variance_type, clip", DDPM_GRID)
+@pytest.mark.parametrize("beta_schedule", BETA_SCHEDULES)
+def test_ddpm_matches_diffusers(prediction_type, variance_type, clip, beta_schedule):
+    sched = fd.NoiseSchedule(beta_schedule=beta_schedule)
+    dkw, okw = _clip_kwargs(clip)
+    d = _stock_ddpm(sched, prediction_type=prediction_type, variance_type=variance_type, **dkw)
+    c = fd.step_coefficients(sched, prediction_type=prediction_type, variance_type=variance_type,
+                             **okw)
+    g = torch.Generator().manual_seed(hash((prediction_type, variance_type, clip)) % 2 ** 31)
+    for t in (999, 500, 0):
+        x, m, _ = random_inputs(c, SHAPE, generator=g)
+        m = _learned_ok(m, SHAPE[1], variance_type)
+        z = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+        want = d.step(m, t, x, generator=torch.Generator().manual_seed(t))
+        got, x0 = fd.reference.ddpm_step(x, m, t, c, noise=z, return_x0=True)
+        assert _rel(got, want.prev_sample) <= 1e-9, t
+        assert _rel(x0, want.pred_original_sample) <= 1e-9, t
+
+
+@pytest.mark.parametrize("spacing, n, offset", [("leading", 10, 0), ("leading", 7, 1),
+                                                ("trailing", 10, 0), ("trailing", 7, 0),
+                                                ("linspace", 13, 0), ("custom", None, 0)])
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_ddpm_respaced_matches_diffusers(spacing, n, offset, prediction_type):
+    sched = fd.NoiseSchedule()
+    if spacing == "custom":
+        ts = [901, 650, 420, 419, 100, 3, 0]
+        c = fd.step_coefficients(sched, prediction_type=prediction_type, timesteps=ts)
+    else:
+        c = fd.step_coefficients(sched, prediction_type=prediction_type, num_inference_steps=n,
+                                 timestep_spacing=spacing, steps_offset=offset)
+    # diffusers steps to t − T//n for spaced schedules; its custom-timesteps mode steps to the
+    # next listed timestep — which is what a step does here for every spacing.
+    d = _stock_ddpm(sched, prediction_type=prediction_type, variance_type="fixed_small",
+                    clip_sample=False)
+    d.set_timesteps(timesteps=c.timesteps.tolist())
+    g = torch.Generator().manual_seed(5)
+    ts = c.timesteps.tolist()
+    for t in (ts[0], ts[len(ts) // 2], ts[-1]):
+        x, m, _ = random_inputs(c, SHAPE, generator=g)
+        z = torch.randn(SHAPE, dtype=torch.float64, generator=torch.Generator().manual_seed(t))
+        want = d.step(m, t, x, generator=torch.Generator().manual_seed(t)).prev_sample
+        assert _rel(fd.reference.ddpm_step(x, m, t, c, noise=z), want) <= 1e-9
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("clip", ["none", "clip", "threshold"])
+@pytest.mark.parametrize("eta, use_clipped", [(0.0, False), (0.7, False), (1.0, True)])
+@pytest.mark.parametrize("spacing, offset, set_alpha_to_one", [("leading", 1, True),
+                                                               ("trailing", 0, False)])
+def test_ddim_matches_diffusers(prediction_type, clip, eta, use_clipped, spacing, offset,
+                                set_alpha_to_one):
+    sched = fd.NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    dkw, okw = _clip_kwargs(clip)
+    d = _stock_ddim(sched, set_alpha_to_one, prediction_type=prediction_type,
+                    timestep_spacing=spacing, steps_offset=offset, **dkw)
+    d.set_timesteps(20)
+    c = fd.step_coefficients(sched, method="ddim", prediction_type=prediction_type,
+                             num_inference_steps=20, timestep_spacing=spacing,
+                             steps_offset=offset, eta=eta, use_clipped_model_output=use_clipped,
+                             set_alpha_to_one=set_alpha_to_one, **okw)
+    assert c.timesteps.tolist() == d.timesteps.tolist()
+    g = torch.Generator().manual_seed(11)
+    ts = c.timesteps.tolist()
+    for t in (ts[0], ts[len(ts) // 2], ts[-1]):
+        x, m, z = random_inputs(c, SHAPE, generator=g)
+        want = d.step(m, t, x, eta=eta, use_clipped_model_output=use_clipped, variance_noise=z)
+        got, x0 = fd.reference.ddpm_step(x, m, t, c, noise=z, return_x0=True)
+        assert _rel(got, want.prev_sample) <= 1e-9, t
+        assert _rel(x0, want.pred_original_sample) <= 1e-9, t
+
+
+def test_ddim_linspace_follows_the_schedule():
+    """diffusers' DDIM steps to t − T//n, which is not the next timestep for `linspace`
+    spacing (diffusers issue 11347). Here a step goes to the next scheduled timestep: with
+    n = 10 over T = 1000 the schedule is 999, 888, …, 0 (gaps of 111), which diffusers
+    reproduces when told the gap is 111 (num_inference_steps = 1000 // 111 = 9)."""
+    sched = fd.NoiseSchedule()
+    c = fd.step_coefficients(sched, method="ddim", num_inference_steps=10,
+                             timestep_spacing="linspace", eta=0.3)
+    assert c.timesteps.tolist() == list(range(999, -1, -111))
+    d = _stock_ddim(sched, True, timestep_spacing="linspace", clip_sample=False)
+    d.set_timesteps(10)
+    d.num_inference_steps = 9
+    g = torch.Generator().manual_seed(3)
+    for t in (999, 444, 0):
+        x, m, z = random_inputs(c, SHAPE, generator=g)
+        want = d.step(m, t, x, eta=0.3, variance_noise=z).prev_sample
+        assert _rel(fd.reference.ddpm_step(x, m, t, c, noise=z), want) <= 1e-9
+
+
+def test_per_sample_timesteps_equal_separate_steps():
+    sched = fd.NoiseSchedule()
+    c = fd.step_coefficients(sched, variance_type="fixed_large", clip_sample_range=1.0)
+    g = torch.Generator().manual_seed(4)
+    x, m, z = random_inputs(c, SHAPE, generator=g)
+    t = torch.tensor([999, 0, 321])
+    y = fd.reference.ddpm_step(x, m, t, c, noise=z)
+    for b in range(3):
+        yb = fd.reference.ddpm_step(x[b:b + 1], m[b:b + 1], int(t[b]), c, noise=z[b:b + 1])
+        assert torch.equal(y[b:b + 1], yb)
+
+
+def test_generator_noise_reproducible():
+    c = fd.step_coefficients(fd.NoiseSchedule())
+    x = torch.randn(SHAPE, dtype=torch.float64)
+    m = torch.randn(SHAPE, dtype=torch.float64)
+    a = fd.reference.ddpm_step(x, m, 500, c, generator=torch.Generator().manual_seed(9))
+    b = fd.reference.ddpm_step(x, m, 500, c, generator=torch.Generator().manual_seed(9))
+    d = fd.reference.ddpm_step(x, m, 500, c, generator=torch.Generator().manual_seed(10))
+    assert torch.equal(a, b) and not torch.equal(a, d)
