@@ -27,6 +27,10 @@ INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
 INTERPRET_BLOCK = 256
 # Samples of at least this many elements use int64 index math for the channels-last mapping.
 _IDX32_LIMIT = 2 ** 31
+# Box–Muller with sin.approx/cos.approx on NVIDIA GPUs (DESIGN.md §3 allows 1e-5 for GPU fast
+# math); FUSED_DDPM_TRITON_ACCURATE_SINCOS=1 selects the accurate libdevice versions.
+FAST_SINCOS = (not INTERPRET and torch.version.hip is None
+               and os.environ.get("FUSED_DDPM_TRITON_ACCURATE_SINCOS", "0") != "1")
 
 _ALL_NAN = tl.PropagateNan.ALL
 
@@ -41,7 +45,7 @@ def _row(table_ptr, t_ptr, s_t, b, T):
 @triton.jit
 def _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
            EXT_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
-           BLOCK: tl.constexpr):
+           FAST: tl.constexpr, BLOCK: tl.constexpr):
     if EXT_NOISE:
         z = tl.load(z_ptr + b * sz + offs, mask=mask, other=0.0).to(tl.float32)
     else:
@@ -54,12 +58,12 @@ def _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
             else:
                 sidx = offs.to(tl.int32)
             i = (sidx % C) * S + sidx // C
-            z = philox_normal_at(i, tword, k0, k1)
+            z = philox_normal_at(i, tword, k0, k1, FAST)
         else:
             # BLOCK is a multiple of 4 and chunks start at multiples of BLOCK: one Philox
             # call per 4 consecutive elements.
             g = start // 4 + tl.arange(0, BLOCK // 4)
-            z = philox_normal4(g, tword, k0, k1)
+            z = philox_normal4(g, tword, k0, k1, FAST)
     return z
 
 
@@ -71,7 +75,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
                      CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr,
                      EXT_NOISE: tl.constexpr, WRITE_X0: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     FAST: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     nblk = tl.cdiv(N, BLOCK)
     b = pid // nblk
@@ -112,7 +116,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
         sigma = cs
 
     z = _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
-               EXT_NOISE, CHANNELS_LAST, IDX64, BLOCK)
+               EXT_NOISE, CHANNELS_LAST, IDX64, FAST, BLOCK)
     y = p * xh + q * x + r * m + sigma * z
     tl.store(y_ptr + b * sy + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
@@ -131,7 +135,7 @@ def _step_bwd_kernel(gy_ptr, gx0_ptr, x_ptr, m_ptr, v_ptr, z_ptr,
                      HAS_GX: tl.constexpr, HAS_GM: tl.constexpr,
                      HAS_GV: tl.constexpr, HAS_GZ: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     FAST: tl.constexpr, BLOCK: tl.constexpr):
     pid = tl.program_id(0).to(tl.int64)
     nblk = tl.cdiv(N, BLOCK)
     b = pid // nblk
@@ -193,11 +197,11 @@ def _step_bwd_kernel(gy_ptr, gx0_ptr, x_ptr, m_ptr, v_ptr, z_ptr,
             tl.store(gz_ptr + b * sgz + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
         if HAS_GV:
             z = _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
-                       EXT_NOISE, CHANNELS_LAST, IDX64, BLOCK)
+                       EXT_NOISE, CHANNELS_LAST, IDX64, FAST, BLOCK)
             if VAR_MODE == 1:
                 gv = gy * z * cs / (2.0 * rv)
             else:
-                gv = gy * z * sigma * ((lb - lt) * 0.5)
+                gv = gy * z * sigma * ((lb - lt) * 0.25)
             tl.store(gv_ptr + b * sgv + offs, gv.to(gv_ptr.dtype.element_ty), mask=mask)
 
 
@@ -252,7 +256,8 @@ def step_forward(x, m, v, noise, seeds, t, table, thresh, y, x0, clip, clip_mode
             thresh.stride(0) if thresh is not None else 0,
             N, C, S, table.shape[0], float(clip))
     kwargs = dict(CLIP_MODE=int(clip_mode), VAR_MODE=int(var_mode), EXT_NOISE=ext,
-                  WRITE_X0=x0 is not None, CHANNELS_LAST=cl, IDX64=idx64)
+                  WRITE_X0=x0 is not None, CHANNELS_LAST=cl, IDX64=idx64,
+                  FAST=FAST_SINCOS and x.is_cuda)
     _launch(None if INTERPRET else _fwd_tuned, _step_fwd_kernel, B, N, args, kwargs)
     return None
 
@@ -285,6 +290,7 @@ def step_backward(grad_y, grad_x0, x, m, v, noise, seeds, t, table, thresh,
     kwargs = dict(CLIP_MODE=int(clip_mode), VAR_MODE=int(var_mode), EXT_NOISE=ext,
                   HAS_GX0=grad_x0 is not None, HAS_GX=grad_x is not None,
                   HAS_GM=grad_m is not None, HAS_GV=has_gv, HAS_GZ=has_gz,
-                  CHANNELS_LAST=cl, IDX64=idx64)
+                  CHANNELS_LAST=cl, IDX64=idx64,
+                  FAST=FAST_SINCOS and x.is_cuda)
     _launch(None if INTERPRET else _bwd_tuned, _step_bwd_kernel, B, N, args, kwargs)
     return None

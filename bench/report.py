@@ -1,0 +1,245 @@
+"""Output: the table (Markdown), the JSON file, the PNG plot and ``bench/RESULTS.md``."""
+from __future__ import annotations
+
+import json
+import os
+import re
+from typing import Dict, Iterable, List, Optional
+
+from .config import DTYPES, MODES, PROVIDERS
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+RESULTS_MD = os.path.join(HERE, "RESULTS.md")
+RESULTS_DIR = os.path.join(HERE, "results")
+
+
+def _f(v, fmt: str, none: str = "-") -> str:
+    return none if v is None else format(v, fmt)
+
+
+def _us(v) -> str:
+    if v is None:
+        return "-"
+    if v >= 1e5:
+        return f"{v / 1e3:,.1f} ms"
+    return f"{v:,.1f}" if v < 1e4 else f"{v:,.0f}"
+
+
+def _shape(r) -> str:
+    dims = "x".join(str(s) for s in r["shape"])
+    return dims if r["shape_name"] == dims else f"{r['shape_name']} {dims}"
+
+
+def _sort_key(r):
+    return (list(MODES).index(r["mode"]) if r["mode"] in MODES else -1,
+            r["numel"], r["shape_name"], list(DTYPES).index(r["dtype"]),
+            list(PROVIDERS).index(r["provider"]))
+
+
+def table(doc: dict, markdown: bool = True) -> str:
+    """Measured rows as a Markdown table, one block per mode (baselines first), followed by
+    the list of cases that did not run and why."""
+    rows = [r for r in doc["rows"] if r["status"] == "ok"]
+    out: List[str] = []
+    modes = ["baseline"] + list(MODES)
+    for mode in modes:
+        mrows = sorted((r for r in rows if r["mode"] == mode), key=_sort_key)
+        if not mrows:
+            continue
+        loop = mode.startswith("loop")
+        title = {"baseline": "baseline: copy (bandwidth ceiling) and torch.randn (noise floor)"
+                 }.get(mode, f"{mode}: {MODES.get(mode, '')}")
+        out.append(f"### {title}\n")
+        head = ["shape", "dtype", "provider", "ms / 1000 steps" if loop else "µs",
+                *(["µs / step"] if loop else []), "GB/s", "of floor", "× diffusers",
+                "× compile"]
+        out.append("| " + " | ".join(head) + " |")
+        out.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
+        for r in mrows:
+            t = _f(r["median_us"] / 1e3, ",.2f") if loop else _us(r["median_us"])
+            cells = [_shape(r), r["dtype"], f"**{r['provider']}**"
+                     if r["provider"] in ("cuda", "triton", "cpu", "sample") else r["provider"],
+                     t, *([_f(r.get("per_step_us"), ",.2f")] if loop else []),
+                     _f(r.get("gbps"), ",.1f"),
+                     _f(None if r.get("fraction_of_floor") is None
+                        else 100 * r["fraction_of_floor"], ".0f") + ("%" if r.get(
+                            "fraction_of_floor") is not None else ""),
+                     _f(r.get("speedup_vs_diffusers"), ".2f"),
+                     _f(r.get("speedup_vs_compile"), ".2f")]
+            out.append("| " + " | ".join(cells) + " |")
+        out.append("")
+    skipped = [r for r in doc["rows"] if r["status"] != "ok"]
+    if skipped:
+        out.append("### not measured\n")
+        groups: Dict[tuple, List[dict]] = {}
+        for r in skipped:
+            groups.setdefault((r["provider"], r["status"], r["reason"]), []).append(r)
+        out.append("| provider | status | cases | reason |")
+        out.append("|---|---|---:|---|")
+        for (prov, status, reason), rs in sorted(
+                groups.items(), key=lambda kv: (list(PROVIDERS).index(kv[0][0]), kv[0][1])):
+            modes_ = sorted({r["mode"] for r in rs}, key=lambda m: modes.index(m)
+                            if m in modes else 99)
+            reason = (reason or "").replace("|", "\\|")
+            out.append(f"| {prov} | {status} | {len(rs)} ({', '.join(modes_)}) | {reason} |")
+        out.append("")
+    return "\n".join(out)
+
+
+def header(doc: dict) -> str:
+    v = doc.get("versions", {})
+    ver = ", ".join(f"{k} {v[k]}" for k in ("torch", "triton", "diffusers", "python", "cuda",
+                                             "fused_ddpm") if v.get(k))
+    commit = doc.get("commit", "unknown")
+    if doc.get("dirty"):
+        commit += " (with uncommitted changes)"
+    lines = [f"- device: **{doc['device']}** ({doc.get('device_type')})",
+             f"- date: {doc['date']}",
+             f"- versions: {ver}",
+             f"- commit: `{commit}`",
+             f"- preset: `{doc.get('preset')}`; command: `{doc.get('command')}`",
+             f"- timing: {doc['settings'].get('timer')} timer, median of "
+             f"{doc['settings'].get('repeats')} repeats (loops: "
+             f"{doc['settings'].get('loop_repeats')}), inputs rotated: "
+             f"{doc['settings'].get('rotate')}, torch threads: "
+             f"{doc['settings'].get('torch_threads')}; run took {doc.get('duration_s')} s",
+             "- fused_ddpm backends: " + "; ".join(
+                 f"{k}: {s}" for k, s in (doc.get("backends") or {}).items())]
+    return "\n".join(lines)
+
+
+def write_json(doc: dict, path: str) -> None:
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path, "w") as f:
+        json.dump(doc, f, indent=1, sort_keys=False)
+        f.write("\n")
+
+
+def slug(text: str) -> str:
+    s = re.sub(r"\(r\)|\(tm\)|\bcpu\b|@.*$", "", text, flags=re.I)
+    s = re.sub(r"[^a-z0-9]+", "-", s.lower()).strip("-")
+    return s[:40] or "device"
+
+
+def stem(doc: dict) -> str:
+    """File name stem: ``<preset>-<device slug>`` (a rerun replaces the previous file)."""
+    return f"{doc.get('preset', 'custom')}-{slug(doc['device'])}"
+
+
+# ------------------------------------------------------------------------------ plot
+def plot(doc: dict, path: str) -> Optional[str]:
+    """Time vs bytes moved per provider, one panel per (dtype, step mode), with the floor
+    (bytes / copy bandwidth). Returns None on success, else why it was skipped."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception as e:
+        return f"plot skipped: matplotlib is not available ({e.__class__.__name__})"
+    rows = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] != "baseline"]
+    panels = sorted({(r["dtype"], r["mode"]) for r in rows},
+                    key=lambda p: (list(DTYPES).index(p[0]), list(MODES).index(p[1])))
+    if not panels:
+        return "plot skipped: no measured step rows"
+    dts = [d for d in DTYPES if any(p[0] == d for p in panels)]
+    ms = [m for m in MODES if any(p[1] == m for p in panels)]
+    fig, axes = plt.subplots(len(dts), len(ms), figsize=(4.2 * len(ms), 3.4 * len(dts)),
+                             squeeze=False)
+    for i, d in enumerate(dts):
+        for j, m in enumerate(ms):
+            ax = axes[i][j]
+            sel = [r for r in rows if r["dtype"] == d and r["mode"] == m]
+            for prov in PROVIDERS:
+                pts = sorted((r["bytes"] / 1e6, r["median_us"]) for r in sel
+                             if r["provider"] == prov)
+                if pts:
+                    ax.plot(*zip(*pts), marker="o", ms=3, label=prov,
+                            lw=2 if prov in ("cuda", "triton", "cpu", "sample") else 1)
+            floor = sorted({(r["bytes"] / 1e6, r["floor_us"]) for r in sel
+                            if r.get("floor_us")})
+            if floor:
+                ax.plot(*zip(*floor), "k--", lw=1.2, label="floor (copy bw)")
+            ax.set_xscale("log")
+            ax.set_yscale("log")
+            ax.set_title(f"{m}, {d}", fontsize=9)
+            ax.set_xlabel("minimal bytes moved (MB)", fontsize=8)
+            ax.set_ylabel("µs" if not m.startswith("loop") else "µs per loop", fontsize=8)
+            ax.grid(True, which="both", alpha=0.3)
+            ax.tick_params(labelsize=7)
+    handles, labels = [], []
+    for ax in axes.flat:
+        for h, lab in zip(*ax.get_legend_handles_labels()):
+            if lab not in labels:
+                handles.append(h)
+                labels.append(lab)
+    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8)
+    fig.suptitle(f"{doc['device']} - {doc['date']}", fontsize=9, y=0.995)
+    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    fig.savefig(path, dpi=90)
+    plt.close(fig)
+    return None
+
+
+# ------------------------------------------------------------------------------ RESULTS.md
+def load(paths: Iterable[str]) -> List[dict]:
+    docs = []
+    for p in paths:
+        with open(p) as f:
+            doc = json.load(f)
+        if not isinstance(doc, dict) or "rows" not in doc or "device" not in doc:
+            raise ValueError(f"{p} is not a bench result (no 'device'/'rows')")
+        doc["_path"] = p
+        docs.append(doc)
+    return docs
+
+
+def results_md(paths: Iterable[str], out: str = RESULTS_MD) -> str:
+    """Regenerate ``out`` from result JSON files: the latest GPU run and the latest CPU run
+    (by date). Returns the text written."""
+    docs = load(paths)
+    if not docs:
+        raise ValueError("no result files given")
+    latest: Dict[str, dict] = {}
+    for d in docs:
+        kind = "cuda" if d.get("device_type") == "cuda" else "cpu"
+        if kind not in latest or d["date"] > latest[kind]["date"]:
+            latest[kind] = d
+    outdir = os.path.dirname(os.path.abspath(out))
+    parts = [
+        "# Benchmark results",
+        "",
+        "<!-- Generated by `python -m bench --results-md bench/results/*.json` from the JSON",
+        "     files in bench/results/. Do not edit by hand: rerun the harness instead. -->",
+        "",
+        "Regenerate: `python -m bench --results-md bench/results/*.json`. Record new runs: "
+        "`python -m bench --preset gpu --record` (GPU), `python -m bench --preset cpu "
+        "--record` (CPU). See bench/README.md for what every column means.",
+        "",
+        "Columns: **µs** median time per call; **GB/s** minimal bytes moved (3 passes over "
+        "the tensor with in-kernel/own noise - read x, m, write y -, 4 with external noise, "
+        "backward: read gy, write gx, gm) / time; **of floor** that bandwidth as a fraction "
+        "of the `y.copy_(x)` bandwidth measured for the same shape and dtype in the same run "
+        "(100% = at the memory floor); **× diffusers / × compile**: speed-up over diffusers' "
+        "`DDPMScheduler.step` and over `torch.compile(reference)` in the same mode "
+        "(diffusers cannot take external noise: its own-noise row is used for fwd-noise).",
+        "",
+    ]
+    for kind, title in (("cuda", "GPU"), ("cpu", "CPU")):
+        d = latest.get(kind)
+        parts.append(f"## {title}: latest run\n")
+        if d is None:
+            parts.append(f"No {title} run recorded yet (`python -m bench --preset "
+                         f"{'gpu' if kind == 'cuda' else 'cpu'} --record`).\n")
+            continue
+        parts.append(header(d))
+        parts.append(f"- source: `{os.path.relpath(d['_path'], outdir)}`")
+        png = os.path.splitext(d["_path"])[0] + ".png"
+        parts.append("")
+        if os.path.exists(png):
+            parts.append(f"![time vs size]({os.path.relpath(png, outdir)})\n")
+        parts.append(table(d))
+    text = "\n".join(parts).rstrip() + "\n"
+    with open(out, "w") as f:
+        f.write(text)
+    return text
