@@ -41,7 +41,9 @@ def _extensions():
         raise RuntimeError("FUSED_DDPM_CUDA=1 but torch has no CUDA or nvcc was not found "
                            "(set CUDA_HOME)")
     os.environ.setdefault("TORCH_CUDA_ARCH_LIST", "8.0;9.0+PTX")
-    cxx = ["-O3", "-std=c++17"]
+    # No -std flag: torch's BuildExtension adds the standard its headers need (C++17 up to
+    # torch 2.x, C++20 for the newest releases, whose ATen.h refuses anything older).
+    cxx = ["-O3"]
     include = [str(HERE / "csrc")]
     cpu_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").glob("*.cpp")
                          if not p.name.endswith("_cuda.cpp"))
@@ -53,7 +55,7 @@ def _extensions():
     if want_cuda:
         cuda_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").iterdir()
                               if p.suffix == ".cu" or p.name.endswith("_cuda.cpp"))
-        nvcc = ["-O3", "-std=c++17", "--use_fast_math", "-lineinfo",
+        nvcc = ["-O3", "--use_fast_math", "-lineinfo",
                 "-U__CUDA_NO_HALF_OPERATORS__", "-U__CUDA_NO_HALF_CONVERSIONS__",
                 "-U__CUDA_NO_BFLOAT16_CONVERSIONS__"]
         exts.append(CUDAExtension("fused_ddpm._C_cuda", cuda_sources, include_dirs=include,

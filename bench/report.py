@@ -50,8 +50,8 @@ def table(doc: dict, markdown: bool = True) -> str:
         title = {"baseline": "baseline: copy (bandwidth ceiling) and torch.randn (noise floor)"
                  }.get(mode, f"{mode}: {MODES.get(mode, '')}")
         out.append(f"### {title}\n")
-        head = ["shape", "dtype", "provider", "ms / 1000 steps" if loop else "µs",
-                *(["µs / step"] if loop else []), "GB/s", "of floor", "× diffusers",
+        head = ["shape", "dtype", "provider",
+                "ms per 1000 steps (= µs/step)" if loop else "µs", "GB/s", "of floor", "× diffusers",
                 "× compile"]
         out.append("| " + " | ".join(head) + " |")
         out.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
@@ -59,7 +59,7 @@ def table(doc: dict, markdown: bool = True) -> str:
             t = _f(r["median_us"] / 1e3, ",.2f") if loop else _us(r["median_us"])
             cells = [_shape(r), r["dtype"], f"**{r['provider']}**"
                      if r["provider"] in ("cuda", "triton", "cpu", "sample") else r["provider"],
-                     t, *([_f(r.get("per_step_us"), ",.2f")] if loop else []),
+                     t,
                      _f(r.get("gbps"), ",.1f"),
                      _f(None if r.get("fraction_of_floor") is None
                         else 100 * r["fraction_of_floor"], ".0f") + ("%" if r.get(

@@ -105,6 +105,8 @@ def enumerate_cases(preset: Preset) -> List[dict]:
                     for prov in g.providers:
                         if prov in BASELINE_PROVIDERS:
                             continue
+                        if prov == "sample" and mode not in LOOP_MODES:
+                            continue       # a whole loop: nothing to time per step
                         add(prov, mode, shape_name, dtype)
     order = {p: i for i, p in enumerate(PROVIDERS)}
     morder = {m: i for i, m in enumerate(["baseline"] + list(MODES))}

@@ -8,7 +8,6 @@ float64 tensors on a GPU go to the reference (the GPU kernels compute in float32
 """
 from __future__ import annotations
 
-import functools
 import os
 from typing import Dict
 
@@ -23,7 +22,6 @@ def triton_interpreter() -> bool:
     return os.environ.get("TRITON_INTERPRET", "0") == "1"
 
 
-@functools.lru_cache(maxsize=None)
 def _triton_status() -> str:
     try:
         import triton  # noqa: F401
@@ -37,8 +35,17 @@ def _triton_status() -> str:
     return f"available (triton {triton.__version__})"
 
 
+_STATUS: Dict[str, str] = {}
+
+
 def backends() -> Dict[str, str]:
-    """{backend: "available ..." or "unavailable: <why>"} for every backend."""
+    """{backend: "available ..." or "unavailable: <why>"} for every backend (found once)."""
+    if not _STATUS:
+        _STATUS.update(_probe())
+    return dict(_STATUS)
+
+
+def _probe() -> Dict[str, str]:
     status = _extension.load()
     stale = "unavailable: the extension has no step kernels (a stale build? reinstall)"
     kernels = _extension.has_op("step_forward_kernel")

@@ -30,3 +30,12 @@ def seed_everything(request):
     seed = zlib.crc32(request.node.nodeid.encode())
     torch.manual_seed(seed)
     return seed
+
+
+def pytest_terminal_summary(terminalreporter):
+    """Say how many hypothesis cases ran per backend (tests/test_properties.py)."""
+    import sys
+    mod = sys.modules.get("test_properties")
+    if mod is not None and getattr(mod, "CASES", None):
+        counts = ", ".join(f"{b}: {n}" for b, n in mod.CASES.items())
+        terminalreporter.write_line(f"property-based cases run per backend: {counts}")

@@ -15,12 +15,12 @@ import triton
 import triton.language as tl
 from triton.language.extra import libdevice
 
-PHILOX_M0: tl.constexpr = 0xD2511F53
-PHILOX_M1: tl.constexpr = 0xCD9E8D57
-PHILOX_W0: tl.constexpr = 0x9E3779B9
-PHILOX_W1: tl.constexpr = 0xBB67AE85
-TWO_PI_F32: tl.constexpr = 6.2831854820251465  # float32(2π), as every backend
-TWO_POW_M24: tl.constexpr = 5.9604644775390625e-08
+PHILOX_M0 = tl.constexpr(0xD2511F53)
+PHILOX_M1 = tl.constexpr(0xCD9E8D57)
+PHILOX_W0 = tl.constexpr(0x9E3779B9)
+PHILOX_W1 = tl.constexpr(0xBB67AE85)
+TWO_PI_F32 = tl.constexpr(6.2831854820251465)  # float32(2π), as every backend
+TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)
 
 
 @triton.jit

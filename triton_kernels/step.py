@@ -32,8 +32,6 @@ _IDX32_LIMIT = 2 ** 31
 FAST_SINCOS = (not INTERPRET and torch.version.hip is None
                and os.environ.get("FUSED_DDPM_TRITON_ACCURATE_SINCOS", "0") != "1")
 
-_ALL_NAN = tl.PropagateNan.ALL
-
 
 @triton.jit
 def _row(table_ptr, t_ptr, s_t, b, T):
@@ -96,10 +94,12 @@ def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
 
     xr = u * x + w * m
     if CLIP_MODE == 1:
-        xh = tl.minimum(tl.maximum(xr, -clip, propagate_nan=_ALL_NAN), clip, propagate_nan=_ALL_NAN)
+        xh = tl.minimum(tl.maximum(xr, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
+                        propagate_nan=tl.PropagateNan.ALL)
     elif CLIP_MODE == 2:
         th = tl.load(thresh_ptr + b * s_thr).to(tl.float32)
-        xh = tl.minimum(tl.maximum(xr, -th, propagate_nan=_ALL_NAN), th, propagate_nan=_ALL_NAN) / th
+        xh = tl.minimum(tl.maximum(xr, -th, propagate_nan=tl.PropagateNan.ALL), th,
+                        propagate_nan=tl.PropagateNan.ALL) / th
     else:
         xh = xr
 
@@ -220,7 +220,8 @@ if not INTERPRET:
     _fwd_tuned = triton.autotune(_configs(), key=_FWD_KEY,
                                  restore_value=["y_ptr", "x0_ptr"])(_step_fwd_kernel)
     _bwd_tuned = triton.autotune(_configs(), key=_BWD_KEY,
-                                 restore_value=["gx_ptr", "gm_ptr", "gv_ptr", "gz_ptr"])(_step_bwd_kernel)
+                                 restore_value=["gx_ptr", "gm_ptr", "gv_ptr", "gz_ptr"]
+                                 )(_step_bwd_kernel)
 
 
 def _layout(x: torch.Tensor):
