@@ -92,8 +92,13 @@ def build_preset(args, device) -> tuple:
     base = C.PRESETS[name]
     explicit = any(v is not None for v in (args.providers, args.modes, args.shapes,
                                            args.dtypes))
-    preset = C.override(base, C.parse_providers(args.providers), C.parse_modes(args.modes),
-                        C.parse_shapes(args.shapes), C.parse_dtypes(args.dtypes))
+    sel = (C.parse_providers(args.providers), C.parse_modes(args.modes),
+           C.parse_shapes(args.shapes), C.parse_dtypes(args.dtypes))
+    if explicit and args.preset is None and not args.quick:
+        # no preset named: one group; unspecified fields come from the default preset
+        preset = C.union(base, *sel)
+    else:
+        preset = C.override(base, *sel)
     s = preset.settings
     s = type(s)(**vars(s))
     if args.repeats is not None:

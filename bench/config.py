@@ -192,3 +192,15 @@ def override(preset: Preset, providers=None, modes=None, shapes=None, dtypes=Non
                      list(shapes or dict.fromkeys(s for g in preset.groups for s in g.shapes)),
                      list(dtypes or dict.fromkeys(d for g in preset.groups for d in g.dtypes)))]
     return replace(preset, groups=out)
+
+
+def union(preset: Preset, providers=None, modes=None, shapes=None, dtypes=None) -> Preset:
+    """One group: the given fields, the union over the preset's groups for the others."""
+    def merged(attr):
+        return list(dict.fromkeys(v for g in preset.groups for v in getattr(g, attr)))
+    g = Group(list(providers) if providers is not None else merged("providers"),
+              list(modes) if modes is not None else merged("modes"),
+              list(shapes) if shapes is not None else merged("shapes"),
+              list(dtypes) if dtypes is not None else merged("dtypes"))
+    return replace(preset, groups=[g] if (g.providers and g.modes and g.shapes and g.dtypes)
+                   else [])

@@ -67,7 +67,7 @@ def test_rows(doc):
     copy = next(r for r in rows if r["provider"] == "copy")
     assert copy["fraction_of_floor"] == pytest.approx(1.0)
     ref = next(r for r in rows if r["provider"] == "reference" and r["mode"] == "fwd-noise")
-    assert ref["passes"] == 4 and ref["bytes"] == 4 * 64 * 4 * 1
+    assert ref["passes"] == 4 and ref["bytes"] == 4 * 256 * 4
     assert ref["fraction_of_floor"] == pytest.approx(ref["gbps"] / copy["gbps"])
     assert not [r for r in rows if r["status"] == "error"], \
         [(r["provider"], r["mode"], r["reason"]) for r in rows if r["status"] == "error"]
