@@ -161,7 +161,7 @@ PRESETS: Dict[str, Preset] = {
             Group(["compile"], list(STEP_MODES), SEC5_SHAPES, list(DTYPES)),
             Group(LOOP_PROVIDERS, list(LOOP_MODES), ["sd-latent", "cifar-b128"], list(DTYPES)),
         ],
-        settings=Settings(repeats=25, min_repeat_s=0.001, warmup_s=0.025, loop_repeats=5),
+        settings=Settings(repeats=25, min_repeat_s=0.001, warmup_s=0.025, loop_repeats=3),
         description="GPU: DESIGN.md section 5 - all shapes, dtypes, modes and providers"),
 }
 

@@ -115,8 +115,10 @@ def enumerate_cases(preset: Preset) -> List[dict]:
         if c["shape_name"] not in shapes:
             shapes.append(c["shape_name"])
     # baselines first per (shape, dtype); expensive compile cases are fine anywhere
-    cases.sort(key=lambda c: (shapes.index(c["shape_name"]), list(DTYPES).index(c["dtype"]),
-                              morder[c["mode"]], order[c["provider"]]))
+    # CUDA-graph captures last: a failed capture can spoil the CUDA context for what follows
+    cases.sort(key=lambda c: (c["mode"] == "loop-graph", shapes.index(c["shape_name"]),
+                              list(DTYPES).index(c["dtype"]), morder[c["mode"]],
+                              order[c["provider"]]))
     return cases
 
 

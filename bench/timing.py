@@ -133,6 +133,8 @@ def time_once_each(fn, device, repeats: int) -> Timing:
     fn(0)
     _sync(device)
     first = time.perf_counter() - t0
+    if first < 0.02:
+        repeats *= 4          # short loops (graph replays): more repeats cost little
     samples = []
     for r in range(repeats):
         if device.type == "cuda":

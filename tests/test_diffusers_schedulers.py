@@ -36,6 +36,15 @@ PREDICTIONS = ["epsilon", "sample", "v_prediction"]
 
 
 # ----------------------------------------------------------------------------- helpers
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Tiny tensors: intra-op threads only add wake-up latency (badly so on a busy machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
+
+
 def table_step(x_t, model_output, t, coeffs, noise=None, seeds=None, return_x0=False, out=None,
                backend="auto", generator=None):
     """docs/kernels.md in plain PyTorch (float32 math), reading ``coeffs.table``."""
@@ -413,7 +422,8 @@ def test_save_load_round_trip_and_from_config(tmp_path):
     ddim.save_pretrained(tmp_path / "ddim")
     again = FusedDDIMScheduler.from_pretrained(tmp_path / "ddim", noise="philox", backend="reference")
     assert again.noise == "philox" and again.backend == "reference"
-    assert dict(again.config) == dict(ddim.config)
+    strip = lambda c: {k: v for k, v in c.items() if k != "_use_default_values"}  # noqa: E731
+    assert strip(again.config) == strip(ddim.config)
 
 
 def test_imports_without_diffusers(monkeypatch):

@@ -179,7 +179,8 @@ def _case_params():
         layout = LAYOUTS[(k // 6) % 2] if len(shape) >= 3 and shape[1] > 1 else "contiguous"
         name = "-".join(str(v) for v in cfg.values())
         out.append(pytest.param(cfg, shape, dtype, layout,
-                                id=f"{name}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}-{layout[:2]}"))
+                                id=f"{name}-{'x'.join(map(str, shape))}-{str(dtype)[6:]}-"
+                                   f"{layout[:2]}"))
     return out
 
 
@@ -227,7 +228,8 @@ def test_backward_matches_autograd(cfg, shape, dtype, layout, ext_noise):
     # elements whose x̂0 sits on a clip bound have a kink there: leave them out
     keep = torch.ones(shape, dtype=torch.bool)
     if case.cm != CLIP_NONE:
-        bound = case.clip if case.cm == 1 else case.thresh.double().cpu().reshape(case.row[:, 0].shape)
+        bound = (case.clip if case.cm == 1
+                 else case.thresh.double().cpu().reshape(case.row[:, 0].shape))
         keep = (case.xr64.abs() - bound).abs() > 1e-4 * (1 + case.xr64.abs())
     u, w, p, q, r = (case.row[:, k].abs() for k in range(5))
     dhmax = 1.0 if case.cm != CLIP_DYNAMIC else 1.0 / case.thresh.double().cpu().reshape(u.shape)
@@ -266,7 +268,8 @@ def test_philox_kat_and_bit_identity():
         assert got.dtype == torch.int64 and got.shape == (6, numel)
         assert torch.equal(got, ref_philox_uint32(seeds, ts, numel))
     # stride-0 (expanded scalar) seeds and t
-    got = philox_uint32(torch.tensor(5, device=DEV).expand(3), torch.tensor(9, device=DEV).expand(3), 9)
+    got = philox_uint32(torch.tensor(5, device=DEV).expand(3),
+                        torch.tensor(9, device=DEV).expand(3), 9)
     assert torch.equal(got.cpu(), ref_philox_uint32(torch.full((3,), 5), torch.full((3,), 9), 9))
     assert philox_uint32(seeds[:0].to(DEV), ts[:0].to(DEV), 5).shape == (0, 5)
     assert philox_uint32(seeds.to(DEV), ts.to(DEV), 0).shape == (6, 0)

@@ -66,10 +66,17 @@ def _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
 
 
 @triton.jit
+def _term(c, v):
+    # A coefficient that is exactly 0 drops its term, even for inf/NaN inputs, as the formula
+    # it stands for has no such term (e.g. r = 0 in a clipped DDPM step).
+    return tl.where(c == 0.0, 0.0, c * v)
+
+
+@triton.jit
 def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
                      seed_ptr, t_ptr, table_ptr, thresh_ptr,
                      sx, sm, sv, sz, sy, sx0, s_seed, s_t, s_thr,
-                     N, C, S, T, clip,
+                     N, C, S, T, clip, N_BUCKET,
                      CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr,
                      EXT_NOISE: tl.constexpr, WRITE_X0: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
@@ -92,7 +99,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
     x = tl.load(x_ptr + b * sx + offs, mask=mask, other=0.0).to(tl.float32)
     m = tl.load(m_ptr + b * sm + offs, mask=mask, other=0.0).to(tl.float32)
 
-    xr = u * x + w * m
+    xr = _term(u, x) + _term(w, m)
     if CLIP_MODE == 1:
         xh = tl.minimum(tl.maximum(xr, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
                         propagate_nan=tl.PropagateNan.ALL)
@@ -117,7 +124,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
 
     z = _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
                EXT_NOISE, CHANNELS_LAST, IDX64, FAST, BLOCK)
-    y = p * xh + q * x + r * m + sigma * z
+    y = _term(p, xh) + _term(q, x) + _term(r, m) + sigma * z
     tl.store(y_ptr + b * sy + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
     if WRITE_X0:
         tl.store(x0_ptr + b * sx0 + offs, xh.to(x0_ptr.dtype.element_ty), mask=mask)
@@ -129,7 +136,7 @@ def _step_bwd_kernel(gy_ptr, gx0_ptr, x_ptr, m_ptr, v_ptr, z_ptr,
                      gx_ptr, gm_ptr, gv_ptr, gz_ptr,
                      sgy, sgx0, sx, sm, sv, sz, s_seed, s_t, s_thr,
                      sgx, sgm, sgv, sgz,
-                     N, C, S, T, clip,
+                     N, C, S, T, clip, N_BUCKET,
                      CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr,
                      EXT_NOISE: tl.constexpr, HAS_GX0: tl.constexpr,
                      HAS_GX: tl.constexpr, HAS_GM: tl.constexpr,
@@ -210,8 +217,10 @@ def _configs():
             for bs, nw in ((1024, 4), (2048, 4), (2048, 8), (4096, 8))]
 
 
-_FWD_KEY = ["N", "CLIP_MODE", "VAR_MODE", "EXT_NOISE", "WRITE_X0", "CHANNELS_LAST"]
-_BWD_KEY = ["N", "CLIP_MODE", "VAR_MODE", "EXT_NOISE", "HAS_GX0", "HAS_GX", "HAS_GM",
+# N_BUCKET (bit length of N, unused by the kernels) keys the tuning cache: one tuning per
+# size class, not per exact size.
+_FWD_KEY = ["N_BUCKET", "CLIP_MODE", "VAR_MODE", "EXT_NOISE", "WRITE_X0", "CHANNELS_LAST"]
+_BWD_KEY = ["N_BUCKET", "CLIP_MODE", "VAR_MODE", "EXT_NOISE", "HAS_GX0", "HAS_GX", "HAS_GM",
             "HAS_GV", "HAS_GZ", "CHANNELS_LAST"]
 
 if not INTERPRET:
@@ -255,7 +264,7 @@ def step_forward(x, m, v, noise, seeds, t, table, thresh, y, x0, clip, clip_mode
             noise.stride(0) if ext else 0, y.stride(0), x0.stride(0) if x0 is not None else 0,
             seeds.stride(0) if seeds is not None else 0, t.stride(0),
             thresh.stride(0) if thresh is not None else 0,
-            N, C, S, table.shape[0], float(clip))
+            N, C, S, table.shape[0], float(clip), N.bit_length())
     kwargs = dict(CLIP_MODE=int(clip_mode), VAR_MODE=int(var_mode), EXT_NOISE=ext,
                   WRITE_X0=x0 is not None, CHANNELS_LAST=cl, IDX64=idx64,
                   FAST=FAST_SINCOS and x.is_cuda)
@@ -287,7 +296,7 @@ def step_backward(grad_y, grad_x0, x, m, v, noise, seeds, t, table, thresh,
             grad_y.stride(0), st(grad_x0), x.stride(0), m.stride(0),
             v.stride(0) if var_mode else 0, st(noise), st(seeds), t.stride(0), st(thresh),
             st(grad_x), st(grad_m), st(grad_v) if has_gv else 0, st(grad_noise) if has_gz else 0,
-            N, C, S, table.shape[0], float(clip))
+            N, C, S, table.shape[0], float(clip), N.bit_length())
     kwargs = dict(CLIP_MODE=int(clip_mode), VAR_MODE=int(var_mode), EXT_NOISE=ext,
                   HAS_GX0=grad_x0 is not None, HAS_GX=grad_x is not None,
                   HAS_GM=grad_m is not None, HAS_GV=has_gv, HAS_GZ=has_gz,

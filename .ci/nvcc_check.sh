@@ -1,0 +1,79 @@
+#!/usr/bin/env bash
+# Compile the pure CUDA kernels (csrc/step_kernels.cu, no torch headers) with nvcc alone for
+# sm_80 and sm_90 with `-Xptxas -v`. Fails on a compile error, and on any register spill or
+# nonzero stack frame in a kernel. Prints a short per-arch summary (kernel families, register
+# range, spills). Env: NVCC (default $CUDA_HOME/bin/nvcc or nvcc on PATH), ARCHS (default
+# "80 90"), KEEP=1 keeps the logs (path printed).
+set -euo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+if [[ -z "${NVCC:-}" ]]; then
+  if [[ -n "${CUDA_HOME:-}" && -x "${CUDA_HOME}/bin/nvcc" ]]; then NVCC="${CUDA_HOME}/bin/nvcc"; else NVCC=nvcc; fi
+fi
+ARCHS="${ARCHS:-80 90}"
+WORK="$(mktemp -d)"
+[[ "${KEEP:-0}" == 1 ]] || trap 'rm -rf "$WORK"' EXIT
+echo "nvcc_check: $("$NVCC" --version | tail -n 1)"
+
+pids=()
+for a in $ARCHS; do
+  ( "$NVCC" -std=c++17 -O3 --use_fast_math -lineinfo -I"$ROOT/csrc" \
+      -gencode "arch=compute_${a},code=sm_${a}" -Xptxas -v \
+      -c "$ROOT/csrc/step_kernels.cu" -o "$WORK/step_kernels_sm${a}.o" \
+      > "$WORK/ptxas_sm${a}.log" 2>&1; echo $? > "$WORK/rc_sm${a}" ) &
+  pids+=($!)
+done
+wait "${pids[@]}"
+
+fail=0
+for a in $ARCHS; do
+  if [[ "$(cat "$WORK/rc_sm${a}")" != 0 ]]; then
+    echo "nvcc_check: sm_${a}: COMPILE ERROR"; grep -E "error|warning" "$WORK/ptxas_sm${a}.log" | head -n 20
+    fail=1; continue
+  fi
+  python3 - "$WORK/ptxas_sm${a}.log" "sm_${a}" <<'PY' || fail=1
+import re, subprocess, sys
+log, arch = sys.argv[1], sys.argv[2]
+kern, rows = None, {}
+for line in open(log):
+    m = re.search(r"Compiling entry function '([^']+)'", line)
+    if m:
+        kern = m.group(1); rows[kern] = {"regs": 0, "stack": 0, "spill_st": 0, "spill_ld": 0}
+        continue
+    if kern is None:
+        continue
+    m = re.search(r"(\d+) bytes stack frame, (\d+) bytes spill stores, (\d+) bytes spill loads", line)
+    if m:
+        rows[kern].update(stack=int(m.group(1)), spill_st=int(m.group(2)), spill_ld=int(m.group(3)))
+    m = re.search(r"Used (\d+) registers", line)
+    if m:
+        rows[kern]["regs"] = int(m.group(1))
+def demangle(names):
+    try:
+        out = subprocess.run(["cu++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
+        return out if len(out) == len(names) else names
+    except OSError:
+        return names
+fams = {}
+for k, r in rows.items():
+    fam = next((f for f in ("fd_step_forward", "fd_step_backward", "fd_philox_uint32") if f in k), "other")
+    fams.setdefault(fam, []).append((k, r))
+bad = [(k, r) for k, r in rows.items() if r["stack"] or r["spill_st"] or r["spill_ld"]]
+print(f"nvcc_check: {arch}: {len(rows)} kernels")
+for fam, ks in sorted(fams.items()):
+    regs = sorted(r["regs"] for _, r in ks)
+    worst = max(ks, key=lambda kr: kr[1]["regs"])
+    print(f"  {fam:<18} {len(ks):3d} kernels  registers {regs[0]}..{regs[-1]} (median {regs[len(regs)//2]})"
+          f"  max: {demangle([worst[0]])[0].split('(')[0].replace('fused_ddpm::(anonymous namespace)::', '')}")
+tot_st = sum(r["spill_st"] for r in rows.values()); tot_stack = sum(r["stack"] for r in rows.values())
+print(f"  spill stores {tot_st} B, stack frames {tot_stack} B in total")
+if bad:
+    for (k, r), name in zip(bad, demangle([k for k, _ in bad])):
+        print(f"  SPILL/STACK: {name}: {r}")
+    sys.exit(1)
+if not rows:
+    print("  no kernels found in the ptxas output"); sys.exit(1)
+PY
+done
+if [[ "$fail" != 0 ]]; then echo "nvcc_check: FAILED"; exit 1; fi
+[[ "${KEEP:-0}" == 1 ]] && echo "nvcc_check: logs in $WORK"
+echo "nvcc_check: OK"
