@@ -31,7 +31,7 @@ for a in $ARCHS; do
     fail=1; continue
   fi
   python3 - "$WORK/ptxas_sm${a}.log" "sm_${a}" <<'PY' || fail=1
-import re, subprocess, sys
+import re, sys
 log, arch = sys.argv[1], sys.argv[2]
 kern, rows = None, {}
 for line in open(log):
@@ -47,12 +47,18 @@ for line in open(log):
     m = re.search(r"Used (\d+) registers", line)
     if m:
         rows[kern]["regs"] = int(m.group(1))
+KINDS = {0: "f32", 1: "f16", 2: "bf16"}
+def short(name):
+    """fd_step_forward<kind, clip, var, ext_noise> from the mangled name (no cu++filt needed)."""
+    m = re.search(r"(fd_[a-z_0-9]+?)(?:I((?:L[ib]\d+E)+)E)?(?:Ev|EPK)", name)
+    if not m:
+        return name
+    args = [int(a) for a in re.findall(r"L[ib](\d+)E", m.group(2) or "")]
+    if len(args) == 4:
+        return f"{m.group(1)}<{KINDS.get(args[0], args[0])}, clip={args[1]}, var={args[2]}, ext_noise={bool(args[3])}>"
+    return m.group(1)
 def demangle(names):
-    try:
-        out = subprocess.run(["cu++filt"], input="\n".join(names), capture_output=True, text=True).stdout.splitlines()
-        return out if len(out) == len(names) else names
-    except OSError:
-        return names
+    return [short(n) for n in names]
 fams = {}
 for k, r in rows.items():
     fam = next((f for f in ("fd_step_forward", "fd_step_backward", "fd_philox_uint32") if f in k), "other")
@@ -63,7 +69,7 @@ for fam, ks in sorted(fams.items()):
     regs = sorted(r["regs"] for _, r in ks)
     worst = max(ks, key=lambda kr: kr[1]["regs"])
     print(f"  {fam:<18} {len(ks):3d} kernels  registers {regs[0]}..{regs[-1]} (median {regs[len(regs)//2]})"
-          f"  max: {demangle([worst[0]])[0].split('(')[0].replace('fused_ddpm::(anonymous namespace)::', '')}")
+          f"  max: {short(worst[0])}")
 tot_st = sum(r["spill_st"] for r in rows.values()); tot_stack = sum(r["stack"] for r in rows.values())
 print(f"  spill stores {tot_st} B, stack frames {tot_stack} B in total")
 if bad:

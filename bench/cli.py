@@ -28,7 +28,7 @@ shapes: {shapes}  (or explicit, e.g. 2x4x32x32)
 dtypes: fp32, fp16, bf16
 
 examples:
-  python -m bench --preset cpu --record          # CPU run -> bench/results/, RESULTS.md
+  python -m bench --preset cpu --threads 1 --record          # CPU run -> bench/results/, RESULTS.md
   python -m bench --preset gpu --record          # GPU run (DESIGN.md section 5, ~3 min H200)
   python -m bench --results-md bench/results/*.json   # regenerate bench/RESULTS.md
   python -m bench --quick --out /tmp/b           # tiny smoke run

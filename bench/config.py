@@ -149,7 +149,7 @@ PRESETS: Dict[str, Preset] = {
                   ["sd-latent", "cifar-b128", "video-latent"], ["fp32", "bf16"]),
             Group(LOOP_PROVIDERS, ["loop"], ["sd-latent"], ["fp32"]),
         ],
-        settings=Settings(repeats=7, min_repeat_s=0.005, warmup_s=0.02, loop_repeats=3),
+        settings=Settings(repeats=15, min_repeat_s=0.002, warmup_s=0.02, loop_repeats=3),
         description="CPU: 3 small shapes x fp32/bf16 x fwd/bwd, 1000-step loop on the SD latent"),
     # Full DESIGN.md section 5 set on a GPU (~3 min on an H200).
     "gpu": Preset(

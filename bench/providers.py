@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import functools
 import os
-from typing import Callable, Optional, Tuple
+from typing import Callable, Tuple
 
 import torch
 
@@ -261,9 +261,18 @@ def _build_loop(provider, mode, shape, dtype, device):
     if provider == "sample":
         model = _ConstModel(m)
 
+        kwargs = dict(device=device, dtype=dtype, x_T=x0)
+
         def run(i):
-            return fd.sample(model, tuple(shape), coeffs, seeds=seeds, cuda_graph=graph,
-                             progress=False)
+            try:
+                return fd.sample(model, tuple(shape), coeffs, seeds=seeds, cuda_graph=graph,
+                                 progress=False, **kwargs)
+            except TypeError as e:            # an older signature without these keywords
+                if not kwargs or "keyword" not in str(e):
+                    raise
+                kwargs.clear()
+                return fd.sample(model, tuple(shape), coeffs, seeds=seeds,
+                                 cuda_graph=graph, progress=False)
         return run
 
     if provider in FUSED:

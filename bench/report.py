@@ -141,40 +141,42 @@ def plot(doc: dict, path: str) -> Optional[str]:
                     key=lambda p: (list(DTYPES).index(p[0]), list(MODES).index(p[1])))
     if not panels:
         return "plot skipped: no measured step rows"
-    dts = [d for d in DTYPES if any(p[0] == d for p in panels)]
-    ms = [m for m in MODES if any(p[1] == m for p in panels)]
-    fig, axes = plt.subplots(len(dts), len(ms), figsize=(4.2 * len(ms), 3.4 * len(dts)),
+    from matplotlib.ticker import NullFormatter
+    ncols = min(4, len(panels))
+    nrows = (len(panels) + ncols - 1) // ncols
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols, 3.4 * nrows + 0.8),
                              squeeze=False)
-    for i, d in enumerate(dts):
-        for j, m in enumerate(ms):
-            ax = axes[i][j]
-            sel = [r for r in rows if r["dtype"] == d and r["mode"] == m]
-            for prov in PROVIDERS:
-                pts = sorted((r["bytes"] / 1e6, r["median_us"]) for r in sel
-                             if r["provider"] == prov)
-                if pts:
-                    ax.plot(*zip(*pts), marker="o", ms=3, label=prov,
-                            lw=2 if prov in ("cuda", "triton", "cpu", "sample") else 1)
-            floor = sorted({(r["bytes"] / 1e6, r["floor_us"]) for r in sel
-                            if r.get("floor_us")})
-            if floor:
-                ax.plot(*zip(*floor), "k--", lw=1.2, label="floor (copy bw)")
-            ax.set_xscale("log")
-            ax.set_yscale("log")
-            ax.set_title(f"{m}, {d}", fontsize=9)
-            ax.set_xlabel("minimal bytes moved (MB)", fontsize=8)
-            ax.set_ylabel("µs" if not m.startswith("loop") else "µs per loop", fontsize=8)
-            ax.grid(True, which="both", alpha=0.3)
-            ax.tick_params(labelsize=7)
+    for ax in axes.flat[len(panels):]:
+        ax.set_visible(False)
+    for ax, (d, m) in zip(axes.flat, panels):
+        sel = [r for r in rows if r["dtype"] == d and r["mode"] == m]
+        for prov in PROVIDERS:
+            pts = sorted((r["bytes"] / 1e6, r["median_us"]) for r in sel
+                         if r["provider"] == prov)
+            if pts:
+                ax.plot(*zip(*pts), marker="o", ms=3, label=prov,
+                        lw=2 if prov in ("cuda", "triton", "cpu", "sample") else 1)
+        floor = sorted({(r["bytes"] / 1e6, r["floor_us"]) for r in sel if r.get("floor_us")})
+        if floor:
+            ax.plot(*zip(*floor), "k--", lw=1.2, label="floor (bytes / copy bandwidth)")
+        ax.set_xscale("log")
+        ax.set_yscale("log")
+        ax.xaxis.set_minor_formatter(NullFormatter())
+        ax.set_title(f"{m}, {d}", fontsize=9)
+        ax.set_xlabel("minimal bytes moved (MB)", fontsize=8)
+        ax.set_ylabel("µs per 1000-step loop" if m.startswith("loop") else "µs per call",
+                      fontsize=8)
+        ax.grid(True, which="both", alpha=0.3)
+        ax.tick_params(labelsize=7)
     handles, labels = [], []
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
             if lab not in labels:
                 handles.append(h)
                 labels.append(lab)
-    fig.legend(handles, labels, loc="upper center", ncol=min(len(labels), 8), fontsize=8)
-    fig.suptitle(f"{doc['device']} - {doc['date']}", fontsize=9, y=0.995)
-    fig.tight_layout(rect=(0, 0, 1, 0.93))
+    fig.suptitle(f"fused-ddpm bench - {doc['device']} - {doc['date']}", fontsize=10)
+    fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 9), fontsize=8)
+    fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -214,7 +216,7 @@ def results_md(paths: Iterable[str], out: str = RESULTS_MD) -> str:
         "",
         "Regenerate: `python -m bench --results-md bench/results/*.json`. Record new runs: "
         "`python -m bench --preset gpu --record` (GPU), `python -m bench --preset cpu "
-        "--record` (CPU). See bench/README.md for what every column means.",
+        "--threads 1 --record` (CPU). See bench/README.md for what every column means.",
         "",
         "Columns: **µs** median time per call; **GB/s** minimal bytes moved (3 passes over "
         "the tensor with in-kernel/own noise - read x, m, write y -, 4 with external noise, "
@@ -229,8 +231,8 @@ def results_md(paths: Iterable[str], out: str = RESULTS_MD) -> str:
         d = latest.get(kind)
         parts.append(f"## {title}: latest run\n")
         if d is None:
-            parts.append(f"No {title} run recorded yet (`python -m bench --preset "
-                         f"{'gpu' if kind == 'cuda' else 'cpu'} --record`).\n")
+            cmd = "--preset gpu" if kind == "cuda" else "--preset cpu --threads 1"
+            parts.append(f"No {title} run recorded yet (`python -m bench {cmd} --record`).\n")
             continue
         parts.append(header(d))
         parts.append(f"- source: `{os.path.relpath(d['_path'], outdir)}`")
