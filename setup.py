@@ -50,8 +50,10 @@ def _extensions():
     # at::parallel_for is OpenMP code inlined from ATen's headers: without -fopenmp the
     # CPU kernel would run on one thread (torch's own libgomp satisfies the link at runtime).
     omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
+    # -fno-math-errno: lets the CPU kernel's Box–Muller loop (sqrt) vectorise.
     exts = [CppExtension("fused_ddpm._C", cpu_sources, include_dirs=include,
-                         extra_compile_args={"cxx": cxx + omp}, extra_link_args=omp)]
+                         extra_compile_args={"cxx": cxx + omp + ["-fno-math-errno"]},
+                         extra_link_args=omp)]
     if want_cuda:
         cuda_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").iterdir()
                               if p.suffix == ".cu" or p.name.endswith("_cuda.cpp"))

@@ -84,8 +84,9 @@ FD_HD float uint32_to_uniform(uint32_t o) {
   return (static_cast<float>(o >> 8) + 0.5f) * 5.9604644775390625e-08f;
 }
 
-// Box–Muller of two uniforms → (z0, z1). Host: libm float functions (matches the PyTorch
-// oracle within 1e-6). Device: fast math, with ln u accurate near u = 1 (log1pf; __logf has
+// Box–Muller of two uniforms → (z0, z1). Host: libm float functions (a plain scalar
+// version; the CPU kernel uses its own vectorisable equivalent, step_cpu.cpp, with the same
+// operation order; both match the PyTorch oracle within 1e-6). Device: fast math, with ln u accurate near u = 1 (log1pf; __logf has
 // an absolute error ~1e-7 there that would blow up rho = sqrt(-2 ln u)) and __sincosf
 // evaluated on [-π, π] (its accurate range).
 FD_HD void box_muller(float u0, float u1, float* z0, float* z1) {
@@ -214,21 +215,40 @@ FD_HD A sigma_value(const Row<A>& c, A v) {
   return c.s * fd_exp(A(0.5) * (f * c.lb + (A(1) - f) * c.lt));
 }
 
+// c · v, except that a zero table coefficient drops its term (0 · ±inf would be NaN): the
+// reference never forms the terms whose coefficients the table zeroes (u = 0 for "sample"
+// prediction, r = 0 for DDPM with clipping, p = 0 in the collapsed unclipped form), so NaN/inf
+// inputs propagate as they do there. σ·z keeps IEEE semantics (the reference forms σ·z).
+template <typename A>
+FD_HD A mul0(A c, A v) {
+  return c == A(0) ? A(0) : c * v;
+}
+
+// x̂0 after clipping.
+template <int CLIP, typename A>
+FD_HD A step_xh(const Row<A>& c, const ClipParams<A>& cp, A x, A m) {
+  return clip_value<CLIP>(mul0(c.u, x) + mul0(c.w, m), cp);
+}
+
+// y from x̂0 (clipped), x, m, σ, z.
+template <typename A>
+FD_HD A step_y(const Row<A>& c, A xh, A x, A m, A sigma, A z) {
+  return mul0(c.p, xh) + mul0(c.q, x) + mul0(c.r, m) + sigma * z;
+}
+
 // Forward of one element. Returns y; *x0 receives xh.
 template <int CLIP, int VAR, typename A>
 FD_HD A step_forward_elem(const Row<A>& c, const ClipParams<A>& cp, A x, A m, A v, A z, A* x0) {
-  const A xr = c.u * x + c.w * m;
-  const A xh = clip_value<CLIP>(xr, cp);
+  const A xh = step_xh<CLIP>(c, cp, x, m);
   *x0 = xh;
-  const A sigma = sigma_value<VAR>(c, v);
-  return c.p * xh + c.q * x + c.r * m + sigma * z;
+  return step_y(c, xh, x, m, sigma_value<VAR>(c, v), z);
 }
 
 // Backward of one element.
 template <int CLIP, int VAR, typename A>
 FD_HD void step_backward_elem(const Row<A>& c, const ClipParams<A>& cp, A gy, A gx0, A x, A m,
                               A v, A z, A* gx, A* gm, A* gv, A* gnoise) {
-  const A xr = c.u * x + c.w * m;
+  const A xr = mul0(c.u, x) + mul0(c.w, m);
   const A dh = clip_grad<CLIP>(xr, cp);
   *gx = gy * (c.q + c.p * c.u * dh) + gx0 * c.u * dh;
   *gm = gy * (c.r + c.p * c.w * dh) + gx0 * c.w * dh;

@@ -202,6 +202,24 @@ def test_views_of_2c_output_and_no_x0():
     assert torch.equal(y, y2)
 
 
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_outputs_may_alias_inputs(dtype):
+    """y written over x (an in-place sampling loop), grad_x over grad_y: same results."""
+    co = _coeffs("ddpm", "epsilon", "learned_range", "static")
+    case = Case(co, (2, 3, 9, 11), dtype, views=False)
+    y, x0 = case.forward()
+    xy = case.x.clone()
+    OPS.step_forward_kernel(xy, case.m, case.v, None, case.seeds, case.t, case.table, None, xy,
+                            None, *case.modes())
+    assert torch.equal(xy, y)
+    gy = torch.randn(case.x.shape).to(dtype)
+    want = _kernel_grads(case, gy, None)
+    g = gy.clone()
+    gm, gv = torch.empty_like(g), torch.empty_like(g)
+    OPS.step_backward_kernel(g, None, *case.args(), g, gm, gv, None, *case.modes())
+    assert torch.equal(g, want[0]) and torch.equal(gm, want[1]) and torch.equal(gv, want[2])
+
+
 @pytest.mark.parametrize("shape", [(0, 3, 4, 4), (2, 0, 4), (3, 2, 0)], ids=str)
 def test_numel_zero(shape):
     co = _coeffs()
@@ -338,7 +356,8 @@ def _noise_table(dtype):
     return table
 
 
-@pytest.mark.parametrize("shape", [(3, 3, 17, 9), (2, 1, 5), (1, 4, 3, 2, 5)], ids=str)
+@pytest.mark.parametrize("shape", [(3, 3, 17, 9), (2, 1, 5), (1, 4, 3, 2, 5), (2, 3, 128, 130)],
+                         ids=str)
 @pytest.mark.parametrize("channels_last", [False, True])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
 def test_in_kernel_normals(shape, channels_last, dtype):
