@@ -9,7 +9,8 @@
 #    within 1e-5, a > 2^31-element tensor, CUDA-graph capture on a side stream; then timings;
 # 3. pytest -m gpu, and tests/test_cpu_kernel.py;
 # 4. python -m bench (quick preset plus the headline shape) when bench/ is present;
-# 5. compute-sanitizer --tool memcheck on a small run of (2);
+# 5. compute-sanitizer --tool memcheck and racecheck on a small run of (2) (CUDA kernels) and
+#    of a few Triton steps (fwd/bwd, fp32/fp16, in-kernel and external noise);
 # and prints a summary table last. Logs go to $OUT (or /tmp/fused_ddpm_gpu_check).
 # Budget: under 5 minutes on an H100/H200.
 set -uo pipefail
@@ -300,9 +301,32 @@ if [[ -f bench/__main__.py ]]; then
 else
   SUMMARY+=("$(printf '%-22s %-12s' bench "SKIP (no bench/__main__.py)")")
 fi
+cat > "$LOG/triton_small.py" <<'PYEOF'
+import torch, fused_ddpm as fd
+dev = "cuda"
+for cfg in (dict(), dict(clip_sample_range=1.0, variance_type="learned_range"),
+            dict(method="ddim", eta=0.5, thresholding=True)):
+    c = fd.step_coefficients(fd.NoiseSchedule(), num_inference_steps=10, device=dev, **cfg)
+    C2 = 6 if c.config.learned_variance else 3
+    for dtype in (torch.float32, torch.float16):
+        x = torch.randn(2, 3, 17, 9, device=dev, dtype=dtype, requires_grad=True)
+        m = torch.randn(2, C2, 17, 9, device=dev, dtype=dtype).clamp(-1, 1).requires_grad_()
+        for kw in (dict(seeds=torch.tensor([1, 2], device=dev)),
+                   dict(noise=torch.randn(2, 3, 17, 9, device=dev, dtype=dtype))):
+            y = fd.ddpm_step(x, m, torch.tensor([901, 1], device=dev), c, backend="triton", **kw)
+            y.float().sum().backward()
+torch.cuda.synchronize()
+print("triton small run ok")
+PYEOF
 if command -v compute-sanitizer > /dev/null; then
   step memcheck 240 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
     $PY "$LOG/cuda_kernel_check.py" --small
+  step racecheck 180 compute-sanitizer --tool racecheck --error-exitcode 1 --print-limit 20 \
+    $PY "$LOG/cuda_kernel_check.py" --small
+  step memcheck_triton 180 compute-sanitizer --tool memcheck --error-exitcode 1 --print-limit 20 \
+    $PY "$LOG/triton_small.py"
+  step racecheck_triton 180 compute-sanitizer --tool racecheck --error-exitcode 1 \
+    --print-limit 20 $PY "$LOG/triton_small.py"
 else
   SUMMARY+=("$(printf '%-22s %-12s' memcheck "SKIP (no compute-sanitizer)")")
 fi

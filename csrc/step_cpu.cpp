@@ -23,6 +23,9 @@ namespace fused_ddpm {
 namespace {
 
 constexpr int64_t BLOCK = 1024;  // storage elements per block (a multiple of 4)
+// Elements per parallel task at least: smaller steps run on one thread, since waking
+// threads costs more than the work (and stalls whole steps on a busy machine).
+constexpr int64_t PARALLEL_GRAIN = 1 << 16;
 
 template <typename A> struct AccOf { using type = float; };
 template <> struct AccOf<double> { using type = double; };
@@ -191,7 +194,8 @@ void forward_impl(const StepParams& p) {
   using A = typename AccOf<T>::type;
   const BlockGeom g = block_geom(p);
   const A* table = static_cast<const A*>(p.table);
-  at::parallel_for(0, p.B * g.nblk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * g.nblk, std::max<int64_t>(1, PARALLEL_GRAIN / g.elems),
+                   [&](int64_t begin, int64_t end) {
     std::vector<float> zbuf(EXT ? 0 : g.elems), tmp(EXT ? 0 : std::max<int64_t>(g.P, 1));
     std::vector<A> xbuf(p.x0.data ? g.elems : 0);
     for (int64_t idx = begin; idx < end; ++idx) {
@@ -242,7 +246,8 @@ void backward_impl(const StepParams& p) {
   const BlockGeom g = block_geom(p);
   const A* table = static_cast<const A*>(p.table);
   const bool need_z = VAR != VAR_FIXED && p.grad_v.data != nullptr;
-  at::parallel_for(0, p.B * g.nblk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, p.B * g.nblk, std::max<int64_t>(1, PARALLEL_GRAIN / g.elems),
+                   [&](int64_t begin, int64_t end) {
     const bool gen = !EXT && need_z;
     std::vector<float> zbuf(gen ? g.elems : 0), tmp(gen ? std::max<int64_t>(g.P, 1) : 0);
     for (int64_t idx = begin; idx < end; ++idx) {
@@ -358,7 +363,8 @@ void philox_uint32_cpu(const int64_t* seeds, int64_t seeds_stride, const int64_t
   const int64_t groups = (numel + 3) / 4;
   const int64_t chunk = 4096;
   const int64_t nchunk = (groups + chunk - 1) / chunk;
-  at::parallel_for(0, B * nchunk, 1, [&](int64_t begin, int64_t end) {
+  at::parallel_for(0, B * nchunk, std::max<int64_t>(1, PARALLEL_GRAIN / (4 * chunk)),
+                   [&](int64_t begin, int64_t end) {
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / nchunk, ch = idx % nchunk;
       const uint64_t seed = static_cast<uint64_t>(seeds[b * seeds_stride]);

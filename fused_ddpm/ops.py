@@ -82,6 +82,23 @@ def split_model_output(model_output: Tensor, channels: int, var_mode: int, layou
             to_layout(model_output[:, channels:], layout))
 
 
+# ---------------------------------------------------------------------------- C++ op metadata
+def _register_extension_fakes() -> None:
+    """Fake (meta) impls for the compiled kernels' ops, so they trace under torch.compile
+    and pass opcheck: the two step kernels only write their out-arguments."""
+    if not _extension.has_op("step_forward_kernel"):
+        return
+    torch.library.register_fake("fused_ddpm::step_forward_kernel")(lambda *args: None)
+    torch.library.register_fake("fused_ddpm::step_backward_kernel")(lambda *args: None)
+
+    @torch.library.register_fake("fused_ddpm::philox_uint32")
+    def _(seeds, t, numel):
+        return seeds.new_empty((seeds.shape[0], numel), dtype=torch.int64)
+
+
+_register_extension_fakes()
+
+
 # ---------------------------------------------------------------------------- launchers
 def _launch_forward(backend, *args) -> None:
     if backend == "triton":

@@ -181,28 +181,28 @@ def test_autograd_function(backend):
     _check(gm.cpu(), wm, dtype, f32_parts=True)
 
 
-def test_opcheck_cpu():
-    if "cpu" not in KERNELS:
-        pytest.skip("the C++ CPU kernel was not built")
+@pytest.mark.parametrize("backend", KERNELS)
+def test_opcheck(backend):
+    dev = _device(backend)
     c = fd.step_coefficients(fd.NoiseSchedule(), variance_type="learned_range",
                              clip_sample_range=1.0)
-    x, m, z, t = _inputs(c, (2, 3, 4, 5), torch.float32, "cpu", seed=2)
-    seeds = torch.tensor([3, 4])
-    table = c.table
+    x, m, z, t = _inputs(c, (2, 3, 4, 5), torch.float32, dev, seed=2)
+    seeds = torch.tensor([3, 4], device=dev)
+    table = c.table_on(dev)
     base = (x, m, t, table)
     for noise, sd in ((z, None), (None, seeds)):
-        args = base + (noise, sd, None, 1.0, 1, 2, True, "cpu")
+        args = base + (noise, sd, None, 1.0, 1, 2, True, backend)
         torch.library.opcheck(torch.ops.fused_ddpm.step.default, args)
         gargs = (torch.randn_like(x), torch.randn_like(x)) + base + (noise, sd, None, 1.0, 1, 2,
-                                                                     "cpu")
+                                                                     backend)
         torch.library.opcheck(torch.ops.fused_ddpm.step_backward.default, gargs)
     out = torch.empty_like(x)
     torch.library.opcheck(torch.ops.fused_ddpm.step_out.default,
-                          base + (z, None, None, 1.0, 1, 2, "cpu", out, None))
+                          base + (z, None, None, 1.0, 1, 2, backend, out, None))
 
 
-def test_compile_fullgraph_matches_eager():
-    backend = "cpu" if "cpu" in KERNELS else KERNELS[0]
+@pytest.mark.parametrize("backend", KERNELS)
+def test_compile_fullgraph_matches_eager(backend):
     dev = _device(backend)
     c = fd.step_coefficients(fd.NoiseSchedule(), num_inference_steps=10, clip_sample_range=1.0)
     x, m, z, t = _inputs(c, (2, 3, 8, 8), torch.float32, dev, seed=9)
