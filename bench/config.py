@@ -147,10 +147,14 @@ PRESETS: Dict[str, Preset] = {
         groups=[
             Group(ALL_STEP_PROVIDERS, list(STEP_MODES),
                   ["sd-latent", "cifar-b128", "video-latent"], ["fp32", "bf16"]),
+            # the C++ kernel's target shape (issue: >= 2x the eager reference, in-kernel noise)
+            Group(["cpu", "reference", "diffusers", "randn", "copy"], ["fwd-seeds", "fwd-noise"],
+                  ["img256-b16"], ["fp32"]),
             Group(LOOP_PROVIDERS, ["loop"], ["sd-latent"], ["fp32"]),
         ],
         settings=Settings(repeats=15, min_repeat_s=0.002, warmup_s=0.02, loop_repeats=3),
-        description="CPU: 3 small shapes x fp32/bf16 x fwd/bwd, 1000-step loop on the SD latent"),
+        description="CPU: 3 small shapes x fp32/bf16 x fwd/bwd, 16x3x256x256 fp32 fwd, "
+                    "1000-step loop on the SD latent"),
     # Full DESIGN.md section 5 set on a GPU (~3 min on an H200).
     "gpu": Preset(
         groups=[
