@@ -51,8 +51,11 @@ def _extensions():
     # CPU kernel would run on one thread (torch's own libgomp satisfies the link at runtime).
     omp = ["-fopenmp"] if sys.platform.startswith("linux") else []
     # -fno-math-errno: lets the CPU kernel's Box–Muller loop (sqrt) vectorise.
+    # -ffp-contract=off: no FMA contraction, so the AVX-512 / AVX2 / default clones of the
+    # noise code give the same bits on every x86 CPU.
+    fp_flags = ["-fno-math-errno", "-ffp-contract=off"]
     exts = [CppExtension("fused_ddpm._C", cpu_sources, include_dirs=include,
-                         extra_compile_args={"cxx": cxx + omp + ["-fno-math-errno"]},
+                         extra_compile_args={"cxx": cxx + omp + fp_flags},
                          extra_link_args=omp)]
     if want_cuda:
         cuda_sources = sorted(str(p.relative_to(HERE)) for p in (HERE / "csrc").iterdir()

@@ -90,10 +90,10 @@ inline void normal4_cpu(uint64_t group, uint32_t t, uint64_t seed, float z[4]) {
 }
 
 // Normals of logical indices [i0, i0 + n) into z[0 .. n): one Philox call per group of four.
-// x86-64 Linux: an AVX2 clone picked at load time (ifunc) when the CPU has it. No FMA in the
-// clone, so both clones give the same bits.
+// x86-64 Linux: AVX-512 and AVX2 clones picked at load time (ifunc) when the CPU has them.
+// Built with -ffp-contract=off (setup.py): no FMA, so every clone gives the same bits.
 #if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define FD_CPU_CLONES __attribute__((target_clones("avx2", "default")))
+#define FD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
 #else
 #define FD_CPU_CLONES
 #endif
