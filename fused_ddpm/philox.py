@@ -68,11 +68,11 @@ def box_muller(u0: torch.Tensor, u1: torch.Tensor):
 def philox_uint32(seeds: torch.Tensor, timesteps: torch.Tensor, numel: int) -> torch.Tensor:
     """The raw stream: int64 ``[B, numel]`` of uint32 values, element i taking output i mod 4.
 
-    ``seeds``, ``timesteps``: int64 ``[B]``.
+    ``seeds``, ``timesteps``: int64 ``[B]``; computed on the seeds' device.
     """
-    seeds = seeds.to(torch.int64).reshape(-1, 1).cpu()
-    timesteps = timesteps.to(torch.int64).reshape(-1, 1).cpu()
-    i = torch.arange(numel, dtype=torch.int64).reshape(1, -1)
+    seeds = torch.as_tensor(seeds).to(torch.int64).reshape(-1, 1)
+    timesteps = torch.as_tensor(timesteps).to(device=seeds.device, dtype=torch.int64).reshape(-1, 1)
+    i = torch.arange(numel, dtype=torch.int64, device=seeds.device).reshape(1, -1)
     g = i // 4
     k0, k1 = seeds & MASK32, (seeds >> 32) & MASK32
     zero = torch.zeros_like(g)
@@ -83,7 +83,7 @@ def philox_uint32(seeds: torch.Tensor, timesteps: torch.Tensor, numel: int) -> t
 
 def philox_normal(seeds: torch.Tensor, timesteps: torch.Tensor, shape, *,
                   channels_last: bool = False) -> torch.Tensor:
-    """In-kernel noise for a batch: float32 ``shape`` = [B, ...] on the CPU.
+    """In-kernel noise for a batch: float32 ``shape`` = [B, ...] on the seeds' device.
 
     ``seeds``/``timesteps``: int64 ``[B]`` (or scalars, expanded). The logical index is the
     row-major index within a sample, whatever the memory format, so ``channels_last`` only
@@ -94,11 +94,9 @@ def philox_normal(seeds: torch.Tensor, timesteps: torch.Tensor, shape, *,
     numel = 1
     for s in shape[1:]:
         numel *= s
-    seeds = torch.as_tensor(seeds, dtype=torch.int64).expand(B) if B else torch.zeros(0, dtype=torch.int64)
-    timesteps = torch.as_tensor(timesteps, dtype=torch.int64).expand(B) if B else seeds
-    i = torch.arange(numel, dtype=torch.int64)
-    g = i // 4
-    o = philox_uint32(seeds, timesteps, (int(g[-1]) + 1) * 4 if numel else 0)
+    seeds = torch.as_tensor(seeds, dtype=torch.int64).expand(B)
+    timesteps = torch.as_tensor(timesteps, dtype=torch.int64).to(seeds.device).expand(B)
+    o = philox_uint32(seeds, timesteps, 4 * ((numel + 3) // 4))
     o = o.reshape(B, -1, 4)
     u = uint32_to_uniform(o)
     z0, z1 = box_muller(u[..., 0], u[..., 1])
