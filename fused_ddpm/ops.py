@@ -41,6 +41,8 @@ def _dense_strides(shape, layout: int) -> List[int]:
 
 def is_sample_dense(t: Tensor, layout: int) -> bool:
     """Whether every sample t[b] is dense in ``layout`` (only sizes > 1 constrain strides)."""
+    if layout == CONTIGUOUS and t.is_contiguous():
+        return True                                   # the common case, decided in C++
     shape = t.shape[1:]
     want = _dense_strides(shape, layout)
     return all(s == w for n, s, w in zip(shape, t.stride()[1:], want) if n > 1)
@@ -48,7 +50,7 @@ def is_sample_dense(t: Tensor, layout: int) -> bool:
 
 def layout_of(x: Tensor) -> int:
     """The layout the kernels will use for a step on ``x``."""
-    if is_sample_dense(x, CONTIGUOUS):
+    if x.is_contiguous() or is_sample_dense(x, CONTIGUOUS):
         return CONTIGUOUS
     if x.dim() in (4, 5) and is_sample_dense(x, CHANNELS_LAST):
         return CHANNELS_LAST
@@ -105,7 +107,6 @@ def _launch_forward(backend, *args) -> None:
         from .triton_kernels import step_forward
         step_forward(*args)
     else:
-        _extension.load()
         torch.ops.fused_ddpm.step_forward_kernel(*args)
 
 
@@ -114,12 +115,11 @@ def _launch_backward(backend, *args) -> None:
         from .triton_kernels import step_backward
         step_backward(*args)
     else:
-        _extension.load()
         torch.ops.fused_ddpm.step_backward_kernel(*args)
 
 
-def _forward_into(x, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
-                  backend, y: Tensor, x0: Optional[Tensor]) -> None:
+def forward_into(x, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
+                 backend, y: Tensor, x0: Optional[Tensor]) -> None:
     """Run the forward kernel writing y (and x0); y/x0 may be in any layout."""
     layout = layout_of(x)
     xk = to_layout(x, layout)
@@ -137,17 +137,26 @@ def _forward_into(x, model_output, t, table, noise, seeds, thresh, clip, clip_mo
 
 
 # ---------------------------------------------------------------------------- ops
+def forward(x: Tensor, model_output: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor],
+            seeds: Optional[Tensor], thresh: Optional[Tensor], clip: float, clip_mode: int,
+            var_mode: int, return_x0: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """The body of ``fused_ddpm::step`` as a plain function: eager callers that need neither
+    autograd nor tracing call it directly and skip the custom-op dispatch (tens of µs)."""
+    layout = layout_of(x)
+    y = empty_in_layout(x, layout)
+    x0 = empty_in_layout(x, layout) if return_x0 else None
+    forward_into(x, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
+                 backend, y, x0)
+    return y, (x0 if x0 is not None else x.new_empty(0))
+
+
 @torch.library.custom_op("fused_ddpm::step", mutates_args=())
 def step(x: Tensor, model_output: Tensor, t: Tensor, table: Tensor, noise: Optional[Tensor],
          seeds: Optional[Tensor], thresh: Optional[Tensor], clip: float, clip_mode: int,
          var_mode: int, return_x0: bool, backend: str) -> Tuple[Tensor, Tensor]:
     """Functional fused step: returns (y, x0); x0 is an empty [0] tensor unless return_x0."""
-    layout = layout_of(x)
-    y = empty_in_layout(x, layout)
-    x0 = empty_in_layout(x, layout) if return_x0 else None
-    _forward_into(x, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
-                  backend, y, x0)
-    return y, (x0 if x0 is not None else x.new_empty(0))
+    return forward(x, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
+                   return_x0, backend)
 
 
 @step.register_fake
@@ -163,8 +172,8 @@ def step_out(x: Tensor, model_output: Tensor, t: Tensor, table: Tensor, noise: O
              seeds: Optional[Tensor], thresh: Optional[Tensor], clip: float, clip_mode: int,
              var_mode: int, backend: str, out: Tensor, x0_out: Optional[Tensor]) -> None:
     """The fused step writing into ``out`` (and ``x0_out``); no autograd."""
-    _forward_into(x, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
-                  backend, out, x0_out)
+    forward_into(x, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
+                 backend, out, x0_out)
 
 
 @step_out.register_fake

@@ -99,15 +99,25 @@ def ddpm_step(x_t: Tensor,
         out.copy_(y)
         return (out, res[1]) if return_x0 else out
     table, thresh, clip, clip_mode, var_mode = _kernel_args(x_t, model_output, t, coeffs)
+    # Eager calls that need neither autograd nor tracing skip the custom-op dispatcher
+    # (tens of µs of Python per call); torch.compile and autograd go through the ops.
+    tracing = torch.compiler.is_compiling()
     if out is not None:
         _check_out(out, x_t, model_output, noise)
         x0 = torch.empty_like(x_t) if return_x0 else None
-        ops.step_out(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode,
-                     var_mode, name, out, x0)
+        run_out = ops.step_out if tracing else ops.forward_into
+        run_out(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
+                name, out, x0)
         return (out, x0) if return_x0 else out
-    y, x0 = ops.step(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode,
-                     var_mode, return_x0, name)
+    run = ops.step if tracing or _needs_grad(x_t, model_output, noise) else ops.forward
+    y, x0 = run(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
+                return_x0, name)
     return (y, x0) if return_x0 else y
+
+
+def _needs_grad(*tensors: Optional[Tensor]) -> bool:
+    return torch.is_grad_enabled() and any(
+        t is not None and t.requires_grad for t in tensors)
 
 
 def _check_out(out: Tensor, x_t: Tensor, *others: Optional[Tensor]) -> None:
@@ -144,8 +154,8 @@ class DDPMStepFunction(torch.autograd.Function):
                                f"(cuda, triton, cpu) takes {x_t.dtype} tensors on {x_t.device} "
                                "here; use fused_ddpm.reference.ddpm_step")
         table, thresh, clip, clip_mode, var_mode = _kernel_args(x_t, model_output, t, coeffs)
-        y, _ = ops.step(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode,
-                        var_mode, False, name)
+        y, _ = ops.forward(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode,
+                           var_mode, False, name)
         ctx.save_for_backward(x_t, model_output, t, table, noise, seeds, thresh)
         ctx.args = (clip, clip_mode, var_mode, name)
         ctx.has_noise = noise is not None

@@ -23,6 +23,24 @@ def _check_tensor(name: str, value, *, floating: bool = True) -> None:
         raise TypeError(f"{name} must be float16, bfloat16, float32 or float64, got {value.dtype}")
 
 
+_SCALARS: dict = {}
+
+
+def _device_scalar(value: int, device: torch.device) -> torch.Tensor:
+    """An int64 0-d tensor holding ``value`` on ``device``, made once and reused (kernels
+    only read it), so a Python-int t or seed costs no fill kernel per step."""
+    key = (value, device)
+    cached = _SCALARS.get(key)
+    if cached is None:
+        cached = torch.full((), value, dtype=torch.int64, device=device)
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return cached   # filled only when the graph replays: never reuse it eagerly
+        if len(_SCALARS) > 4096:
+            _SCALARS.clear()
+        _SCALARS[key] = cached
+    return cached
+
+
 def normalize_t(t, batch: int, device: torch.device, num_train_timesteps: int) -> torch.Tensor:
     """t as an int64 tensor ``[B]`` on ``device`` (a scalar is expanded, stride 0).
 
@@ -35,7 +53,9 @@ def normalize_t(t, batch: int, device: torch.device, num_train_timesteps: int) -
     if isinstance(t, int):
         if not 0 <= t < T:  # a Python int is a compile-time constant, so this check is free
             raise ValueError(f"t={t} is out of range [0, {T})")
-        return torch.full((), t, dtype=torch.int64, device=device).expand(batch)
+        if torch.compiler.is_compiling():
+            return torch.full((), t, dtype=torch.int64, device=device).expand(batch)
+        return _device_scalar(t, device).expand(batch)
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"t must be an int or an integer tensor, got {type(t).__name__}")
     if t.dtype.is_floating_point or t.dtype.is_complex or t.dtype == torch.bool:
@@ -47,8 +67,10 @@ def normalize_t(t, batch: int, device: torch.device, num_train_timesteps: int) -
     # Value checks read t on the host: skipped while torch.compile traces (the kernels clamp
     # the row index, so an out-of-range t can never read outside the table).
     if (t.device.type == "cpu" or debug_checks_enabled()) and not torch.compiler.is_compiling():
-        if t.numel() and (int(t.min()) < 0 or int(t.max()) >= T):
-            raise ValueError(f"t is out of range [0, {T}): min {int(t.min())}, max {int(t.max())}")
+        if t.numel():
+            lo, hi = (int(v) for v in t.aminmax())
+            if lo < 0 or hi >= T:
+                raise ValueError(f"t is out of range [0, {T}): min {lo}, max {hi}")
     t = t.to(device=device, dtype=torch.int64)
     return t.expand(batch)
 
@@ -62,7 +84,9 @@ def normalize_seeds(seeds, batch: int, device: torch.device) -> torch.Tensor:
             raise ValueError(f"seeds={seeds} does not fit in 64 bits")
         if seeds >= 2 ** 63:
             seeds -= 2 ** 64
-        return torch.full((), seeds, dtype=torch.int64, device=device).expand(batch)
+        if torch.compiler.is_compiling():
+            return torch.full((), seeds, dtype=torch.int64, device=device).expand(batch)
+        return _device_scalar(seeds, device).expand(batch)
     if not isinstance(seeds, torch.Tensor):
         raise TypeError(f"seeds must be an int or an int64 tensor, got {type(seeds).__name__}")
     if seeds.dtype != torch.int64:
