@@ -148,10 +148,12 @@ FD_HD Row<A> load_row(const A* table, int64_t T, int64_t t) {
   return r;
 }
 
+// NaN in `a` (the value being clipped) is returned unchanged, as torch.clamp in the
+// reference and Triton's propagate_nan=ALL: the comparison with a NaN is false.
 template <typename A>
-FD_HD A fd_min(A a, A b) { return a < b ? a : b; }
+FD_HD A fd_min(A a, A b) { return b < a ? b : a; }
 template <typename A>
-FD_HD A fd_max(A a, A b) { return a > b ? a : b; }
+FD_HD A fd_max(A a, A b) { return b > a ? b : a; }
 
 FD_HD float fd_sqrt(float a) {
 #if defined(__CUDA_ARCH__)

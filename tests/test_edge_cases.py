@@ -44,6 +44,30 @@ def test_nan_and_inf_propagate_like_reference(backend, coeffs):
 
 
 @pytest.mark.parametrize("backend", KERNELS)
+@pytest.mark.parametrize("clip", [dict(clip_sample_range=1.0),
+                                  dict(thresholding=True, dynamic_thresholding_ratio=0.9)])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_nan_survives_clipping(backend, clip, dtype):
+    """clamp(NaN) is NaN (torch.clamp semantics): a NaN model output must not be clipped
+    into a finite x̂0 (a clipped DDPM step has r = 0, so only x̂0 carries m into y). With
+    dynamic thresholding the NaN also makes the sample's quantile NaN: all of it is NaN."""
+    c = fd.step_coefficients(fd.NoiseSchedule(), **clip)
+    dev = _dev(backend)
+    x, m, z = (a.to(dev, dtype) for a in random_inputs(c, (2, 3, 4, 5)))
+    m[0, 1, 2, 3] = float("nan")
+    m[1, 0, 0, 0] = float("nan")
+    y, x0 = fd.ddpm_step(x, m, 500, c, noise=z, return_x0=True, backend=backend)
+    want_y, want_x0 = _ref(x, m, 500, c, z, return_x0=True)
+    for got, want in ((y, want_y), (x0, want_x0)):
+        nan = torch.isnan(want)
+        assert int(nan.sum()) == (2 if "clip_sample_range" in clip else want.numel())
+        assert torch.equal(torch.isnan(got.cpu()), nan)
+        if nan.all():
+            continue
+        torch.testing.assert_close(got.cpu().double()[~nan], want[~nan], rtol=4e-3, atol=4e-3)
+
+
+@pytest.mark.parametrize("backend", KERNELS)
 @pytest.mark.parametrize("offset", [1, 2, 3])
 def test_unaligned_views(backend, coeffs, offset):
     """Views starting at an odd element offset must not be read with vector loads that

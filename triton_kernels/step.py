@@ -165,7 +165,7 @@ def _step_bwd_kernel(gy_ptr, gx0_ptr, x_ptr, m_ptr, v_ptr, z_ptr,
         else:
             x = tl.load(x_ptr + b * sx + offs, mask=mask, other=0.0).to(tl.float32)
             m = tl.load(m_ptr + b * sm + offs, mask=mask, other=0.0).to(tl.float32)
-            xr = u * x + w * m
+            xr = _term(u, x) + _term(w, m)
             if CLIP_MODE == 1:
                 dh = ((xr >= -clip) & (xr <= clip)).to(tl.float32)
             else:
