@@ -300,7 +300,10 @@ int sm_count() {
   static int cache[128] = {0};
   if (dev >= 0 && dev < 128 && cache[dev] > 0) return cache[dev];
   int n = 1;
-  cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev);
+  if (cudaDeviceGetAttribute(&n, cudaDevAttrMultiProcessorCount, dev) != cudaSuccess) {
+    (void)cudaGetLastError();  // clear it: the launch's own error check must not see it
+    n = 1;
+  }
   if (n < 1) n = 1;
   if (dev >= 0 && dev < 128) cache[dev] = n;
   return n;
@@ -312,9 +315,11 @@ template <typename K>
 int grid_for(K kernel, int64_t units, int* per_sm) {
   if (*per_sm <= 0) {
     int nb = 0;
-    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, THREADS, 0) != cudaSuccess ||
-        nb < 1)
+    if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&nb, kernel, THREADS, 0) != cudaSuccess) {
+      (void)cudaGetLastError();  // a fallback size, not a launch failure
       nb = 4;
+    }
+    if (nb < 1) nb = 4;
     *per_sm = nb;
   }
   const int64_t need = (units + THREADS - 1) / THREADS;
