@@ -20,16 +20,15 @@ if not _has_cuda():
 import pytest  # noqa: E402
 import torch  # noqa: E402
 
-requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
-
-@pytest.fixture
-def seed_everything(request):
-    """A fresh seed per test, printed on failure via the test id (reproducible by node id)."""
-    import zlib
-    seed = zlib.crc32(request.node.nodeid.encode())
-    torch.manual_seed(seed)
-    return seed
+@pytest.fixture(scope="module")
+def one_thread():
+    """One intra-op thread for modules of tiny tensors: extra threads only add wake-up
+    latency (badly so on a busy 2-core machine)."""
+    n = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(n)
 
 
 def pytest_terminal_summary(terminalreporter):

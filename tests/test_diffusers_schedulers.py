@@ -36,13 +36,7 @@ PREDICTIONS = ["epsilon", "sample", "v_prediction"]
 
 
 # ----------------------------------------------------------------------------- helpers
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny tensors: intra-op threads only add wake-up latency (badly so on a busy machine)."""
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def table_step(x_t, model_output, t, coeffs, noise=None, seeds=None, return_x0=False, out=None,

@@ -15,12 +15,7 @@ from fused_ddpm.sampler import clear_graph_cache, initial_noise, sample
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 SCHED = fd.NoiseSchedule(1000, "linear")

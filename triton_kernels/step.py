@@ -66,6 +66,17 @@ def _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
 
 
 @triton.jit
+def _program_block(N, BLOCK: tl.constexpr):
+    """This program's chunk: sample b, elements [start, start + BLOCK) of its N (masked)."""
+    pid = tl.program_id(0).to(tl.int64)
+    nblk = tl.cdiv(N, BLOCK)
+    b = pid // nblk
+    start = (pid - b * nblk) * BLOCK
+    offs = start + tl.arange(0, BLOCK)
+    return b, start, offs, offs < N
+
+
+@triton.jit
 def _term(c, v):
     # A coefficient that is exactly 0 drops its term, even for inf/NaN inputs, as the formula
     # it stands for has no such term (e.g. r = 0 in a clipped DDPM step).
@@ -81,12 +92,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
                      EXT_NOISE: tl.constexpr, WRITE_X0: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
                      FAST: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    nblk = tl.cdiv(N, BLOCK)
-    b = pid // nblk
-    start = (pid - b * nblk) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < N
+    b, start, offs, mask = _program_block(N, BLOCK)
 
     cb, tb = _row(table_ptr, t_ptr, s_t, b, T)
     u = tl.load(cb + 0)
@@ -143,12 +149,7 @@ def _step_bwd_kernel(gy_ptr, gx0_ptr, x_ptr, m_ptr, v_ptr, z_ptr,
                      HAS_GV: tl.constexpr, HAS_GZ: tl.constexpr,
                      CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
                      FAST: tl.constexpr, BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    nblk = tl.cdiv(N, BLOCK)
-    b = pid // nblk
-    start = (pid - b * nblk) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    mask = offs < N
+    b, start, offs, mask = _program_block(N, BLOCK)
 
     cb, tb = _row(table_ptr, t_ptr, s_t, b, T)
     cs = tl.load(cb + 5)
