@@ -35,7 +35,6 @@ below them (or to "before the first step"), so every row is a valid step.
 """
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass, field
 from typing import Dict, Optional, Sequence, Tuple, Union
 

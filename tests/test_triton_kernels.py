@@ -14,7 +14,7 @@ triton = pytest.importorskip("triton")
 
 import fused_ddpm as fd  # noqa: E402
 from fused_ddpm import reference  # noqa: E402
-from fused_ddpm.coefficients import CLIP_DYNAMIC, CLIP_NONE, VAR_FIXED  # noqa: E402
+from fused_ddpm.coefficients import CLIP_DYNAMIC, CLIP_NONE  # noqa: E402
 from fused_ddpm.philox import philox_normal  # noqa: E402
 from fused_ddpm.philox import philox_uint32 as ref_philox_uint32  # noqa: E402
 from fused_ddpm.triton_kernels import philox_uint32, step_backward, step_forward  # noqa: E402
