@@ -77,6 +77,23 @@ def _program_block(N, BLOCK: tl.constexpr):
 
 
 @triton.jit
+def _sigma(v_ptr, sv, b, offs, mask, cb, cs, VAR_MODE: tl.constexpr):
+    """(σ, v): fixed σ = s; learned σ = s·√v; learned_range σ = s·exp(½(f·lb + (1−f)·lt)),
+    f = (v+1)/2 (docs/kernels.md). v is the loaded variance half (a dummy when fixed)."""
+    if VAR_MODE == 1:
+        v = tl.load(v_ptr + b * sv + offs, mask=mask, other=1.0).to(tl.float32)
+        sigma = cs * tl.sqrt(v)
+    elif VAR_MODE == 2:
+        v = tl.load(v_ptr + b * sv + offs, mask=mask, other=0.0).to(tl.float32)
+        f = (v + 1.0) * 0.5
+        sigma = cs * tl.exp(0.5 * (f * tl.load(cb + 6) + (1.0 - f) * tl.load(cb + 7)))
+    else:
+        v = cs
+        sigma = cs
+    return sigma, v
+
+
+@triton.jit
 def _term(c, v):
     # A coefficient that is exactly 0 drops its term, even for inf/NaN inputs, as the formula
     # it stands for has no such term (e.g. r = 0 in a clipped DDPM step).
@@ -116,17 +133,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
     else:
         xh = xr
 
-    if VAR_MODE == 1:
-        v = tl.load(v_ptr + b * sv + offs, mask=mask, other=1.0).to(tl.float32)
-        sigma = cs * tl.sqrt(v)
-    elif VAR_MODE == 2:
-        v = tl.load(v_ptr + b * sv + offs, mask=mask, other=0.0).to(tl.float32)
-        lb = tl.load(cb + 6)
-        lt = tl.load(cb + 7)
-        f = (v + 1.0) * 0.5
-        sigma = cs * tl.exp(0.5 * (f * lb + (1.0 - f) * lt))
-    else:
-        sigma = cs
+    sigma, v = _sigma(v_ptr, sv, b, offs, mask, cb, cs, VAR_MODE)
 
     z = _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
                EXT_NOISE, CHANNELS_LAST, IDX64, FAST, BLOCK)
@@ -188,18 +195,7 @@ def _step_bwd_kernel(gy_ptr, gx0_ptr, x_ptr, m_ptr, v_ptr, z_ptr,
             tl.store(gm_ptr + b * sgm + offs, gm.to(gm_ptr.dtype.element_ty), mask=mask)
 
     if HAS_GV or HAS_GZ:
-        if VAR_MODE == 1:
-            v = tl.load(v_ptr + b * sv + offs, mask=mask, other=1.0).to(tl.float32)
-            rv = tl.sqrt(v)
-            sigma = cs * rv
-        elif VAR_MODE == 2:
-            v = tl.load(v_ptr + b * sv + offs, mask=mask, other=0.0).to(tl.float32)
-            lb = tl.load(cb + 6)
-            lt = tl.load(cb + 7)
-            f = (v + 1.0) * 0.5
-            sigma = cs * tl.exp(0.5 * (f * lb + (1.0 - f) * lt))
-        else:
-            sigma = cs
+        sigma, v = _sigma(v_ptr, sv, b, offs, mask, cb, cs, VAR_MODE)
         if HAS_GZ:
             gz = gy * sigma
             tl.store(gz_ptr + b * sgz + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
@@ -207,9 +203,11 @@ def _step_bwd_kernel(gy_ptr, gx0_ptr, x_ptr, m_ptr, v_ptr, z_ptr,
             z = _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
                        EXT_NOISE, CHANNELS_LAST, IDX64, FAST, BLOCK)
             if VAR_MODE == 1:
-                gv = gy * z * cs / (2.0 * rv)
+                gv = gy * z * cs / (2.0 * tl.sqrt(v))               # dσ/dv = s/(2√v)
             else:
-                gv = gy * z * sigma * ((lb - lt) * 0.25)
+                lb = tl.load(cb + 6)
+                lt = tl.load(cb + 7)
+                gv = gy * z * sigma * ((lb - lt) * 0.25)           # dσ/dv = σ(lb − lt)/4
             tl.store(gv_ptr + b * sgv + offs, gv.to(gv_ptr.dtype.element_ty), mask=mask)
 
 
