@@ -168,19 +168,19 @@ def _load_torch() -> Launchers:
 def _with_checks(raw: Launchers, dtypes) -> Launchers:
     """The launchers with :mod:`fused_ddpm.checks` run first."""
     def forward(*args):
-        checks.check_forward("step_forward_kernel", *args, dtypes=dtypes)
+        checks.check_forward(*args, dtypes=dtypes)
         raw.forward(*args)
 
     def backward(*args):
-        checks.check_backward("step_backward_kernel", *args, dtypes=dtypes)
+        checks.check_backward(*args, dtypes=dtypes)
         raw.backward(*args)
 
     def philox_uint32(*args):
-        checks.check_philox_uint32("philox_uint32", *args)
+        checks.check_philox_uint32(*args)
         return raw.philox_uint32(*args)
 
     def philox_normal(*args):
-        checks.check_philox_normal("philox_normal_kernel", *args, dtypes=dtypes)
+        checks.check_philox_normal(*args, dtypes=dtypes)
         raw.philox_normal(*args)
     return Launchers(forward, backward, philox_uint32, philox_normal)
 

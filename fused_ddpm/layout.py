@@ -25,7 +25,7 @@ def dense_strides(sample_shape: Sequence[int], layout: Layout) -> List[int]:
     elif layout == Layout.CHANNELS_LAST:
         order = [0] + list(range(n - 1, 0, -1))       # C innermost, then the spatial dims
     else:
-        raise ValueError(f"layout={layout!r} is not a Layout")
+        raise ValueError(f"layout must be a Layout value, got {layout!r}")
     strides = [0] * n
     acc = 1
     for d in order:
@@ -34,10 +34,18 @@ def dense_strides(sample_shape: Sequence[int], layout: Layout) -> List[int]:
     return strides
 
 
+_CL_FORMATS = {4: torch.channels_last, 5: torch.channels_last_3d}
+
+
 def is_sample_dense(t: Tensor, layout: Layout) -> bool:
     """Whether every sample ``t[b]`` is dense in ``layout`` (only sizes > 1 constrain)."""
-    if layout == Layout.CONTIGUOUS and t.is_contiguous():
-        return True
+    if layout == Layout.CONTIGUOUS:
+        if t.is_contiguous():
+            return True
+    elif layout == Layout.CHANNELS_LAST:
+        fmt = _CL_FORMATS.get(t.dim())
+        if fmt is not None and t.is_contiguous(memory_format=fmt):
+            return True
     shape = t.shape[1:]
     want = dense_strides(shape, layout)
     return all(s == w for n, s, w in zip(shape, t.stride()[1:], want) if n > 1)

@@ -23,7 +23,7 @@ PATTERNS = {
     "table width by number": r"\b(size|stride)\(\s*1\s*\)\s*[=!]=\s*\d+",
     "mode code by number": r"\b\w*(_MODE|_mode|mode|Mode)\s*[=!<>]=?\s*\d+\b|"
                            r"\b(clip|var|noise|layout)\s*[=!]=\s*\d+\b",
-    "old column constant": r"\bCOL_[A-Z_]+\b",
+    "column constant set to a number": r"\bCOL_\w+(\s*,\s*\w+)*\s*=\s*(\d|range\s*\()",
 }
 _COMPILED = {k: re.compile(v) for k, v in PATTERNS.items()}
 
@@ -98,7 +98,8 @@ def test_no_numeric_contract_constants(area):
     "u = table[:, 5]", "r = rows[:, 0].reshape(s)", "xr = r[:, 1] * x", "f(ins[1])",
     "flags[2] = 1", "u = tl.load(cb + 3)", "return table_ptr + row * 8, tb",
     "TORCH_CHECK(table.size(1) == 8)", "if VAR_MODE == 1:", "if cfg.clip_mode == 2:",
-    "c = COL_SIGMA", "noise_table[:, 5] = 1.0", "scalars[0] = c"])
+    "COL_U, COL_W, COL_P = range(3)", "COL_SIGMA = 5", "noise_table[:, 5] = 1.0",
+    "scalars[0] = c"])
 def test_scanner_catches_numeric_constants(bad):
     assert violations(bad, ".py") and violations(bad + ";", ".cpp")
 
@@ -106,7 +107,7 @@ def test_scanner_catches_numeric_constants(bad):
 @pytest.mark.parametrize("good", [
     "u = table[:, Col.S]", "flags[int(Flag.TERMS)] = t", "tl.load(cb + Col.U)",
     "if VAR_MODE == Var.SQRT:", "x = a[..., 0]", "m[:, C:]", "y = x * 2  # table[:, 5]",
-    "TORCH_CHECK(table.size(1) == NUM_COLS)"])
+    "TORCH_CHECK(table.size(1) == NUM_COLS)", "COL_U = tl.constexpr(int(Col.U))"])
 def test_scanner_passes_named_constants(good):
     assert not violations(good, ".py")
 

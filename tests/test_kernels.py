@@ -539,10 +539,29 @@ def test_argument_errors(backend):
                                              seeds=None)),
         (ValueError, "flags", dict(flags=L.flags[:-1])),
         (ValueError, "ins", dict(ins=L.ins[:-1])),
+        (ValueError, r"scalars\[CLIP\]", dict(flags=with_flag(Flag.CLIP, Clip.STATIC))),
+        (ValueError, r"flags\[NOISE_STREAM\]", dict(flags=with_flag(Flag.NOISE_STREAM, 5))),
+        (ValueError, r"outs\[Y\]", dict(outs=[None, None])),
+        (ValueError, r"outs\[Y\].*overlap", dict(outs=[y[:1].expand(2, -1, -1, -1), None])),
     ]
     for exc, match, kw in cases:
         with pytest.raises(exc, match=match):
             call(**kw)
+    s = L.seeds.contiguous()
+    u32, normal = launchers(backend).philox_uint32, launchers(backend).philox_normal
+    for exc, match, args in [
+            (TypeError, "seeds", (s.int(), s, 4, 0)), (TypeError, r"\bt\b", (s, s.float(), 4, 0)),
+            (ValueError, "shape", (s, s[:1], 4, 0)), (ValueError, "numel", (s, s, -1, 0)),
+            (ValueError, "stream", (s, s, 4, 9))]:
+        with pytest.raises(exc, match=match):
+            u32(*args)
+    out = torch.empty_like(x)
+    for exc, match, args in [
+            (ValueError, "layout", (s, s, 0, 5, out)), (ValueError, "stream", (s, s, 9, 0, out)),
+            (ValueError, "sample-dense", (s, s, 0, 0, out.transpose(2, 3))),
+            (TypeError, "out", (s, s, 0, 0, out.int()))]:
+        with pytest.raises(exc, match=match):
+            normal(*args)
     if torch.float64 not in backend.dtypes:
         with pytest.raises(TypeError, match=r"ins\[X\]"):
             d = x.double()
