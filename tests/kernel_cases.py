@@ -43,22 +43,34 @@ SHAPES = [(3, 3, 7, 13), (1, 4, 9), (2, 3, 5, 6, 7), (4, 2, 17, 5), (2, 5, 3, 3)
           (2, 3, 1, 1)]
 
 
+#: values tried for each option a method reads (Method.options), default first
+OPTION_VALUES = {"eta": (0.0, 0.7, 0.5), "use_clipped_model_output": (False, False, True),
+                 "set_alpha_to_one": (True, False, True)}
+
+
 def step_configs() -> List[dict]:
-    """Every sampler config: ddpm × prediction × variance × clip, ddim × prediction × clip ×
-    (η, use_clipped_model_output, variance type)."""
-    out = [dict(method="ddpm", prediction_type=p, variance_type=v, **CLIPS[c])
-           for p, v, c in itertools.product(PREDICTIONS, VARIANCES, CLIPS)]
-    ddim_vars = METHODS["ddim"].variance_types
-    for p, c in itertools.product(PREDICTIONS, CLIPS):
-        for k, (eta, ucmo) in enumerate(((0.0, False), (0.7, False), (0.5, True))):
-            out.append(dict(method="ddim", prediction_type=p, eta=eta,
-                            use_clipped_model_output=ucmo,
-                            variance_type=ddim_vars[k % len(ddim_vars)], **CLIPS[c]))
+    """Every sampler config of the registry: each sampler method × prediction type × clip
+    mode × (each variance type it takes, or — for methods with options — three settings of
+    its options, cycling through its variance types)."""
+    out = []
+    for name, method in METHODS.items():
+        if not method.samples:
+            continue
+        vts = method.variance_types
+        for p, c in itertools.product(PREDICTIONS, CLIPS):
+            if not method.options:
+                out += [dict(method=name, prediction_type=p, variance_type=v, **CLIPS[c])
+                        for v in vts]
+                continue
+            for k in range(3):
+                opts = {o: OPTION_VALUES[o][k] for o in method.options}
+                out.append(dict(method=name, prediction_type=p, variance_type=vts[k % len(vts)],
+                                **opts, **CLIPS[c]))
     return out
 
 
 def config_id(cfg: dict) -> str:
-    keys = ("method", "prediction_type", "variance_type", "eta", "use_clipped_model_output")
+    keys = ("method", "prediction_type", "variance_type") + tuple(OPTION_VALUES)
     clip = "dynamic" if cfg.get("thresholding") else ("static" if "clip_sample_range" in cfg
                                                        else "none")
     return "-".join(str(cfg[k]) for k in keys if k in cfg) + "-" + clip

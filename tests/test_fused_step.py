@@ -7,23 +7,16 @@ import pytest
 import torch
 
 import fused_ddpm as fd
-from fused_ddpm.coefficients import METHODS, PREDICTION_TYPES, VARIANCE_TYPES
+from fused_ddpm.coefficients import PREDICTION_TYPES
 
 from helpers import random_inputs
+from kernel_cases import step_configs
 
 # relative tolerance (to max |y|) per dtype: a few ulps of the storage type
 TOL = {torch.float64: 1e-12, torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 # float64 steps still take two float32 quantities: in-kernel noise (float32 Box–Muller by
 # spec) and the dynamic-threshold scale; where either is involved, float32's tolerance holds.
-CLIPS = {"none": {}, "clip": dict(clip_sample_range=1.0),
-         "thresh": dict(thresholding=True, dynamic_thresholding_ratio=0.9, sample_max_value=2.0)}
-DDIM_VARIANCES = METHODS["ddim"].variance_types
-CONFIGS = ([dict(method="ddpm", prediction_type=p, variance_type=v, **CLIPS[c])
-            for p, v, c in itertools.product(PREDICTION_TYPES, VARIANCE_TYPES, CLIPS)] +
-           [dict(method="ddim", prediction_type=p, eta=0.8, use_clipped_model_output=u,
-                 variance_type=DDIM_VARIANCES[k % len(DDIM_VARIANCES)], **CLIPS[c])
-            for k, (p, u, c) in enumerate(itertools.product(PREDICTION_TYPES, (False, True),
-                                                             CLIPS))])
+CONFIGS = step_configs()          # every sampler config of the registry
 SHAPES = [(1, 3, 5, 7), (3, 2, 9), (2, 4, 3, 5, 3), (5, 1, 13, 1), (2, 3, 16, 16)]
 
 

@@ -28,6 +28,9 @@ CASES = {}
 SCHEDULE = fd.NoiseSchedule(num_train_timesteps=200, beta_schedule="scaled_linear",
                             beta_start=0.00085, beta_end=0.012)
 TOL = {torch.float64: 1e-6, torch.float32: 1e-5, torch.float16: 4e-3, torch.bfloat16: 3e-2}
+#: how to draw each option a method reads (fused_ddpm.methods.Method.options)
+OPTIONS = {"eta": st.floats(0.0, 1.0), "use_clipped_model_output": st.booleans(),
+           "set_alpha_to_one": st.booleans()}
 
 
 @st.composite
@@ -41,9 +44,8 @@ def step_case(draw):
         cfg.update(thresholding=True, dynamic_thresholding_ratio=draw(st.floats(0.5, 1.0)),
                    sample_max_value=draw(st.floats(1.0, 4.0)))
     cfg["variance_type"] = draw(st.sampled_from(METHODS[method].variance_types))
-    if method == "ddim":
-        cfg.update(eta=draw(st.floats(0.0, 1.0)), use_clipped_model_output=draw(st.booleans()),
-                   set_alpha_to_one=draw(st.booleans()))
+    for option in METHODS[method].options:
+        cfg[option] = draw(OPTIONS[option])
     n = draw(st.one_of(st.none(), st.integers(1, 200)))
     if n is not None:
         cfg.update(num_inference_steps=n,
