@@ -226,7 +226,10 @@ def get(name: str) -> Backend:
     try:
         return BACKENDS[name]
     except (KeyError, TypeError):
-        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS) + ['auto']}") from None
+        hint = (" (the oracle is not a backend: call fused_ddpm.reference.ddpm_step)"
+                if name == "reference" else "")
+        raise ValueError(f"backend={name!r} is not one of {list(BACKENDS) + ['auto']}"
+                         f"{hint}") from None
 
 
 def resolve(backend: str, device: torch.device, dtype: torch.dtype) -> str:

@@ -278,3 +278,24 @@ def test_add_noise_formula(prediction_type):
     c = fd.step_coefficients(sched, prediction_type=prediction_type)
     _, x0_hat = fd.reference.ddpm_step(x_t, target, t, c, noise=eps, return_x0=True)
     assert _rel(x0_hat, x0) <= 1e-9
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 0.995, 1.0])
+def test_production_threshold_scale_matches_the_oracles(n, ratio):
+    """fused_ddpm.thresholding (k-th values) vs the reference's own quantile (a sort and an
+    interpolation) vs torch.quantile; NaN in a sample makes its scale NaN in all three."""
+    from fused_ddpm.thresholding import threshold_scale
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=g, dtype=torch.float64) * 3
+    x[1] = x[1].abs() * 0.1                        # below 1: clamped up to 1
+    if n > 1:
+        x[3, n // 2] = float("nan")
+    want = fd.reference.dynamic_threshold_scale(x, ratio, 2.5)
+    q = torch.quantile(x.abs(), ratio, dim=1).clamp(1.0, 2.5)
+    for dtype in (torch.float64, torch.float32):
+        got = threshold_scale(x.to(dtype), ratio, 2.5)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(want, q, rtol=1e-12, atol=0, equal_nan=True)
+    assert bool(torch.isnan(want[3])) == (n > 1) and float(want[1]) == 1.0

@@ -80,6 +80,8 @@ def test_unknown_backend(coeffs):
     x, m = _xm()
     with pytest.raises(ValueError, match="backend='tpu' is not one of"):
         fd.ddpm_step(x, m, 5, coeffs, backend="tpu")
+    with pytest.raises(ValueError, match="fused_ddpm.reference.ddpm_step"):
+        fd.ddpm_step(x, m, 5, coeffs, backend="reference")
 
 
 def test_backends_report_reasons():
