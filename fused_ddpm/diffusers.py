@@ -235,17 +235,17 @@ class _FusedStepMixin:
                          return_x0=True, backend=self.backend)
 
     @classmethod
-    def _split_fused_kwargs(cls, kwargs):
-        return kwargs.pop("noise", None), kwargs.pop("backend", None)
-
-    @classmethod
-    def _apply_fused_kwargs(cls, result, return_unused_kwargs, noise, backend):
-        sched = result[0] if return_unused_kwargs else result
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``, also taking the ``noise`` and ``backend`` keywords
+        (they are not part of the saved config)."""
+        noise, backend = kwargs.pop("noise", None), kwargs.pop("backend", None)
+        res = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        sched = res[0] if return_unused_kwargs else res
         if noise is not None:
             sched.noise = noise
         if backend is not None:
             sched.backend = backend
-        return result
+        return res
 
 
 if _DIFFUSERS_ERROR is None:
@@ -283,12 +283,6 @@ if _DIFFUSERS_ERROR is None:
                 timestep_spacing=timestep_spacing, steps_offset=steps_offset,
                 rescale_betas_zero_snr=rescale_betas_zero_snr)
             self._fused_init(noise, backend)
-
-        @classmethod
-        def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-            noise, backend = cls._split_fused_kwargs(kwargs)
-            res = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-            return cls._apply_fused_kwargs(res, return_unused_kwargs, noise, backend)
 
         def set_timesteps(self, num_inference_steps: Optional[int] = None,
                           device: Union[str, torch.device, None] = None,
@@ -370,12 +364,6 @@ if _DIFFUSERS_ERROR is None:
                 clip_sample_range=clip_sample_range, sample_max_value=sample_max_value,
                 timestep_spacing=timestep_spacing, rescale_betas_zero_snr=rescale_betas_zero_snr)
             self._fused_init(noise, backend)
-
-        @classmethod
-        def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-            noise, backend = cls._split_fused_kwargs(kwargs)
-            res = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-            return cls._apply_fused_kwargs(res, return_unused_kwargs, noise, backend)
 
         def set_timesteps(self, num_inference_steps: int,
                           device: Union[str, torch.device, None] = None):
