@@ -30,8 +30,12 @@ from pathlib import Path
 from typing import Callable, List, Mapping, Optional, Tuple
 
 HERE = Path(__file__).parent.resolve()
-PACKAGES = ["fused_ddpm", "fused_ddpm.triton_kernels"]
-PACKAGE_DIR = {"fused_ddpm": "fused_ddpm", "fused_ddpm.triton_kernels": "triton_kernels"}
+# The Triton kernels and the benchmark harness live at the top of the repository (so
+# `python -m bench` runs from a checkout) and install inside the package: never as top-level
+# `triton_kernels` / `bench` modules, names that other distributions use.
+PACKAGES = ["fused_ddpm", "fused_ddpm.triton_kernels", "fused_ddpm.bench"]
+PACKAGE_DIR = {"fused_ddpm": "fused_ddpm", "fused_ddpm.triton_kernels": "triton_kernels",
+               "fused_ddpm.bench": "bench"}
 BUILD_RECORD = "_build_info.json"
 PACKAGE_DATA = {"fused_ddpm": [BUILD_RECORD, "py.typed"]}
 DEFAULT_ROOT = Path("/usr/local/cuda")
