@@ -4,6 +4,7 @@ Nothing is compiled. Each test stands for one way a fresh machine fooled the old
 (which built CUDA whenever torch had CUDA and some ``nvcc`` was on PATH, leaving torch to
 guess the toolkit root as ``dirname(dirname(which nvcc))``) or left a stale extension behind.
 """
+import importlib.machinery
 import importlib.util
 import json
 import os
