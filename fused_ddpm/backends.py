@@ -53,17 +53,19 @@ class Backend:
     """What a backend takes and how to launch it.
 
     ``device_types``: device types it runs on (None: any). ``dtypes``: input dtypes.
-    ``probe()``: "available ..." or "unavailable: <why>" (called once). ``load()``: its
-    :class:`Launchers`. ``checked``: the launchers are Python, so :mod:`fused_ddpm.checks`
-    runs before each launch (the C++ ops check themselves, with the same messages).
+    ``probe()``: "available ..." or "unavailable: <why>" (called once). ``load(checked)``:
+    its :class:`Launchers`, checking their arguments (the contract's checks, in C++ or
+    :mod:`fused_ddpm.checks`) or, for arguments a prepared step has checked before, not
+    (where the backend has such a path). ``torch_ops``: the launchers are ``torch.ops``
+    (the compiled extensions), else Python functions.
     """
 
     name: str
     device_types: Optional[Callable[[], Tuple[str, ...]]]
     dtypes: Tuple[torch.dtype, ...]
     probe: Callable[[], str]
-    load: Callable[[], Launchers]
-    checked: bool
+    load: Callable[[bool], Launchers]
+    torch_ops: bool
 
     def takes(self, device: torch.device, dtype: torch.dtype) -> Optional[str]:
         """None when it runs tensors of ``dtype`` on ``device``, else why not."""
@@ -78,13 +80,13 @@ class Backend:
 
     @property
     def launchers(self) -> Launchers:
-        """The launchers, checking their arguments first (:mod:`fused_ddpm.checks`)."""
+        """The launchers, checking their arguments first."""
         return _launchers(self.name, True)
 
     @property
     def unchecked_launchers(self) -> Launchers:
-        """The launchers without the Python checks: for arguments already checked once
-        (a prepared step); the same as :attr:`launchers` for the C++ ops."""
+        """The launchers without the Python-side checks: for arguments already checked once
+        (a prepared step). The C++ ops always check."""
         return _launchers(self.name, False)
 
 
@@ -149,24 +151,27 @@ def _probe_triton() -> str:
 
 
 # ----------------------------------------------------------------------------- launchers
-def _load_extension() -> Launchers:
+def _load_extension(checked: bool) -> Launchers:
     ops = torch.ops.fused_ddpm
     return Launchers(ops.step_forward_kernel, ops.step_backward_kernel, ops.philox_uint32,
                      ops.philox_normal_kernel)
 
 
-def _load_triton() -> Launchers:
+def _load_triton(checked: bool) -> Launchers:
     from . import triton_kernels as tk
-    return Launchers(tk.step_forward, tk.step_backward, tk.philox_uint32, tk.philox_normal)
+    names = ("step_forward", "step_backward", "philox_uint32", "philox_normal")
+    suffix = "" if checked else "_unchecked"
+    return Launchers(*(getattr(tk, n + suffix, None) or getattr(tk, n) for n in names))
 
 
-def _load_torch() -> Launchers:
+def _load_torch(checked: bool) -> Launchers:
     from . import torch_backend as tb
-    return Launchers(tb.step_forward, tb.step_backward, tb.philox_uint32, tb.philox_normal)
+    raw = Launchers(tb.step_forward, tb.step_backward, tb.philox_uint32, tb.philox_normal)
+    return _with_checks(raw, BACKENDS["torch"].dtypes) if checked else raw
 
 
 def _with_checks(raw: Launchers, dtypes) -> Launchers:
-    """The launchers with :mod:`fused_ddpm.checks` run first."""
+    """Python launchers with :mod:`fused_ddpm.checks` run first."""
     def forward(*args):
         checks.check_forward(*args, dtypes=dtypes)
         raw.forward(*args)
@@ -186,13 +191,13 @@ def _with_checks(raw: Launchers, dtypes) -> Launchers:
 
 
 BACKENDS: Dict[str, Backend] = {b.name: b for b in (
-    Backend("cuda", lambda: ("cuda",), FLOATS, _probe_cuda, _load_extension, checked=False),
+    Backend("cuda", lambda: ("cuda",), FLOATS, _probe_cuda, _load_extension, torch_ops=True),
     Backend("triton", lambda: ("cuda", "cpu") if triton_interpreter() else ("cuda",), FLOATS,
-            _probe_triton, _load_triton, checked=True),
+            _probe_triton, _load_triton, torch_ops=False),
     Backend("cpu", lambda: ("cpu",), FLOATS + (torch.float64,), _probe_cpu, _load_extension,
-            checked=False),
+            torch_ops=True),
     Backend("torch", None, FLOATS + (torch.float64,), lambda: "available", _load_torch,
-            checked=True),
+            torch_ops=False),
 )}
 
 #: "auto": the order in which backends are tried, per device type (others: torch)
@@ -201,10 +206,7 @@ _AUTO_ORDER = {"cuda": ("cuda", "triton", "torch"), "cpu": ("cpu", "torch")}
 
 @functools.lru_cache(maxsize=None)
 def _launchers(name: str, checked: bool) -> Launchers:
-    b = BACKENDS[name]
-    if checked and b.checked:
-        return _with_checks(_launchers(name, False), b.dtypes)
-    return b.load()
+    return BACKENDS[name].load(checked)
 
 
 _STATUS: Dict[str, str] = {}
