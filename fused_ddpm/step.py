@@ -31,7 +31,7 @@ from .validation import (check_out, check_step_inputs, normalize_seeds, normaliz
 __all__ = ["ddpm_step", "DDPMStepFunction", "draw_seeds", "Prepared", "SEED_HIGH"]
 
 SEED_HIGH = 2 ** 63 - 1
-_X = int(In.X)
+_X, _M, _Z = int(In.X), int(In.M), int(In.Z)
 _ENV = os.environ
 #: prepared launches kept per StepCoefficients (oldest dropped first)
 MAX_PREPARED = 64
@@ -102,9 +102,10 @@ class Prepared:
         self.split = self.has_model and cfg.model_channels == 2
         self.copies = [a is not None and not is_sample_dense(a, self.layout)
                        for a in self._streams_raw(x, model_output, noise)]
-        # the common case: ins = [x, model_output, None, ...] as given
-        self.plain = not (self.split or any(self.copies) or
-                          self.noise_mode == Noise.EXTERNAL)
+        # the common case: x, model_output (and noise) go in as given
+        self.plain = not (self.split or any(self.copies) or (
+            self.noise_mode == Noise.EXTERNAL and noise.dtype != self.dtype))
+        self.external = self.noise_mode == Noise.EXTERNAL
         self.seeds_ready = (isinstance(seeds, Tensor) and seeds.dim() == 1 and
                             seeds.device == self.device)
         self.t_views: Dict[int, Tensor] = {}       # int t -> its [B] index view
@@ -133,7 +134,12 @@ class Prepared:
                 ) -> List[Optional[Tensor]]:
         """The ins list of a launch, sample-dense in the layout."""
         if self.plain:
-            return [x, model_output] + [None] * (NUM_IN - 2)
+            ins = [None] * NUM_IN
+            ins[_X] = x
+            ins[_M] = model_output
+            if self.external:
+                ins[_Z] = noise
+            return ins
         ins = self._streams_raw(x, model_output, noise)
         for i, copy in enumerate(self.copies):
             if copy:
