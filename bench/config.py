@@ -24,7 +24,9 @@ PROVIDERS: Dict[str, str] = {
     **{name: f"fused step, {name} backend (fused_ddpm.ddpm_step(backend={name!r})"
              f"{_FUSED_NOTES.get(name, '')})" for name in FUSED},
     "sample": "fused_ddpm.sample(...) loop (loop modes only)",
-    "dropin": "diffusers drop-in FusedDDPMScheduler.step (mode 'overhead')",
+    "dropin": "diffusers drop-in FusedDDPMScheduler.step, diffusers' own noise (randn; mode "
+              "'overhead')",
+    "dropin-philox": "the drop-in with noise='philox' (in-kernel noise; mode 'overhead')",
     "reference": "eager PyTorch reference (fused_ddpm.reference.ddpm_step)",
     "compile": "torch.compile(fused_ddpm.reference.ddpm_step)",
     "diffusers": "diffusers DDPMScheduler.step (clip_sample=False, fixed_small, epsilon)",
@@ -145,7 +147,7 @@ class Preset:
 
 ALL_STEP_PROVIDERS = [*FUSED, "reference", "compile", "diffusers", "randn", "copy"]
 LOOP_PROVIDERS = [*FUSED, "sample", "reference", "compile", "diffusers"]
-OVERHEAD_PROVIDERS = [*FUSED, "dropin", "diffusers", "add"]
+OVERHEAD_PROVIDERS = [*FUSED, "dropin", "dropin-philox", "diffusers", "add"]
 SEC5_SHAPES = ["sd-latent", "img512-b64"]
 OVERHEAD_SETTINGS = Settings(repeats=15, min_repeat_s=0.01, warmup_s=0.05, loop_repeats=1)
 

@@ -81,9 +81,9 @@ def diffusers_scheduler():
     return DDPMScheduler(**_DIFFUSERS_CONFIG)
 
 
-def dropin_scheduler():
+def dropin_scheduler(noise: str = "randn"):
     from fused_ddpm.diffusers import FusedDDPMScheduler
-    return FusedDDPMScheduler(**_DIFFUSERS_CONFIG)
+    return FusedDDPMScheduler(**_DIFFUSERS_CONFIG, noise=noise)
 
 
 def _numel(shape) -> int:
@@ -108,9 +108,10 @@ def check(provider: str, mode: str, device: torch.device, dtype: torch.dtype) ->
         return
     if provider in ("randn", "copy"):
         raise Skip("unsupported", f"{provider} is mode-independent (recorded as 'baseline')")
-    if provider in ("add", "dropin") and mode != "overhead":
+    if provider in ("add", "dropin", "dropin-philox") and mode != "overhead":
         raise Skip("unsupported", f"{provider} is measured in mode 'overhead' only")
-    if mode == "overhead" and provider not in FUSED + ("add", "dropin", "diffusers"):
+    if mode == "overhead" and provider not in FUSED + ("add", "dropin", "dropin-philox",
+                                                       "diffusers"):
         raise Skip("unsupported", "mode 'overhead' measures the fused step, the drop-in, "
                                   "diffusers and torch.add")
     if mode == "loop-graph" and device.type != "cuda":
@@ -129,7 +130,7 @@ def check(provider: str, mode: str, device: torch.device, dtype: torch.dtype) ->
         return
     if provider == "sample" and mode not in LOOP_MODES:
         raise Skip("unsupported", "fused_ddpm.sample is a whole loop (loop modes only)")
-    if provider in ("diffusers", "dropin"):
+    if provider in ("diffusers", "dropin", "dropin-philox"):
         if _diffusers()[0] is None:
             raise Skip("unavailable", f"diffusers is not installed ({_diffusers()[1]})")
         if mode == "fwd-noise":
@@ -182,8 +183,9 @@ def _step_fn(provider: str, mode: str, device: torch.device, shape):
         if provider == "compile":
             return compiled(f)
         return f
-    if provider in ("diffusers", "dropin"):
-        sched = diffusers_scheduler() if provider == "diffusers" else dropin_scheduler()
+    if provider in ("diffusers", "dropin", "dropin-philox"):
+        sched = (diffusers_scheduler() if provider == "diffusers" else
+                 dropin_scheduler("philox" if provider == "dropin-philox" else "randn"))
         t = sched.timesteps[len(sched.timesteps) - 1 - T_STEP]    # a CPU tensor, as pipelines
         g = torch.Generator(device=device).manual_seed(0)
 

@@ -20,7 +20,7 @@ from .config import (BASELINE_PROVIDERS, DTYPES, LOOP_MODES, LOOP_STEPS, MODES, 
                      PROVIDERS, Preset, parse_shape)
 
 #: providers measured only in mode "overhead" (and always there: "add" is its floor)
-OVERHEAD_ONLY = ("add", "dropin")
+OVERHEAD_ONLY = ("add", "dropin", "dropin-philox")
 
 SCHEMA_VERSION = 1
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
