@@ -15,7 +15,6 @@ ROOT = Path(__file__).resolve().parent.parent
 #: code patterns that spell contract constants as numbers (comments are stripped first)
 PATTERNS = {
     "table column by number": r"\w*(table|tab|row|rows|coef|coeffs)\w*\s*\[[^\]\n]*,\s*-?\d+\s*\]",
-    "column of a 2-D index by number": r"\[\s*:\s*,\s*-?\d+\s*\]",
     "launch list by number": r"\b(ins|outs|grads|flags|scalars)\s*\[\s*\d+\s*\]",
     "row pointer plus a number": r"\b\w*(cb|row|tab|table|coef)\w*\s*\+\s*\d+(?![\w.])",
     "row times a number": r"\b\w*(row|table|tab)\w*\s*\*\s*\d+(?![\w.])|"
@@ -37,14 +36,40 @@ def _code(line: str, suffix: str) -> str:
     return line
 
 
+TABLEISH = re.compile(r"\b(\w*table\w*|rows?|\w+_rows?|coef\w*)\b")
+STRINGS = re.compile(r"\"[^\"\n]*\"|'[^'\n]*'")
+ASSIGN = re.compile(r"^\s*(?:auto\s+|const\s+auto\s*&?\s*)?(\w+)\s*=[^=](.*)$")
+
+
+def _table_names(lines) -> set:
+    """Names that hold table rows in a file: assigned (directly or through other such names)
+    from an expression that mentions a table or a row."""
+    names: set = set()
+    while True:
+        found = set(names)
+        for code in lines:
+            m = ASSIGN.match(STRINGS.sub("", code))
+            if m and (TABLEISH.search(m.group(2)) or
+                      any(re.search(rf"\b{re.escape(v)}\b", m.group(2)) for v in names)):
+                found.add(m.group(1))
+        if found == names:
+            return names
+        names = found
+
+
 def violations(text: str, suffix: str):
     """(line number, pattern name, line) for every code line that matches a pattern."""
+    lines = [_code(line, suffix) for line in text.splitlines()]
+    rows = _table_names(lines)
+    row_col = (re.compile(r"\b(" + "|".join(map(re.escape, sorted(rows))) +
+                          r")\s*\[\s*:\s*,\s*-?\d+\s*\]") if rows else None)
     out = []
-    for n, line in enumerate(text.splitlines(), 1):
-        code = _code(line, suffix)
+    for n, (line, code) in enumerate(zip(text.splitlines(), lines), 1):
         for name, rx in _COMPILED.items():
             if rx.search(code):
                 out.append((n, name, line.strip()))
+        if row_col is not None and row_col.search(code):
+            out.append((n, "a table row's column by number", line.strip()))
     return out
 
 
@@ -95,7 +120,8 @@ def test_no_numeric_contract_constants(area):
 
 
 @pytest.mark.parametrize("bad", [
-    "u = table[:, 5]", "r = rows[:, 0].reshape(s)", "xr = r[:, 1] * x", "f(ins[1])",
+    "u = table[:, 5]", "r = rows[:, 0].reshape(s)", "r = co.table64[t]\nxr = r[:, 1] * x",
+    "c = coeffs.table[t]\nd = c\nu = d[:, 0]", "f(ins[1])",
     "flags[2] = 1", "u = tl.load(cb + 3)", "return table_ptr + row * 8, tb",
     "TORCH_CHECK(table.size(1) == 8)", "if VAR_MODE == 1:", "if cfg.clip_mode == 2:",
     "COL_U, COL_W, COL_P = range(3)", "COL_SIGMA = 5", "noise_table[:, 5] = 1.0",
@@ -107,6 +133,7 @@ def test_scanner_catches_numeric_constants(bad):
 @pytest.mark.parametrize("good", [
     "u = table[:, Col.S]", "flags[int(Flag.TERMS)] = t", "tl.load(cb + Col.U)",
     "if VAR_MODE == Var.SQRT:", "x = a[..., 0]", "m[:, C:]", "y = x * 2  # table[:, 5]",
+    "pts = draw(n)\nplot(pts[:, 0], pts[:, 1])", "r = co.table64[t]\nu = r[:, Col.U]",
     "TORCH_CHECK(table.size(1) == NUM_COLS)", "COL_U = tl.constexpr(int(Col.U))"])
 def test_scanner_passes_named_constants(good):
     assert not violations(good, ".py")
