@@ -325,8 +325,19 @@ def step_coefficients(schedule: NoiseSchedule,
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic
             thresholding (wins over ``clip_sample_range``, as in diffusers).
         device: where the float32 table lives (the device of the tensors you will step).
+        step_gap: ``None`` (default): a step from t goes to the next scheduled timestep; an
+            int k: to t − k (diffusers' ``DDIMScheduler`` rule for every spacing).
         precision: ``"float64"`` (default) or ``"diffusers_float32"`` (diffusers' float32
             arithmetic, for output parity with diffusers' schedulers).
+
+    Returns:
+        :class:`StepCoefficients`: ``table`` float32 ``[T, NUM_COLS]`` on ``device``,
+        ``table64`` float64 ``[T, NUM_COLS]`` on the CPU, ``timesteps`` int64 ``[n]``.
+
+    Raises:
+        ValueError for unknown names, out-of-range values, options the method does not
+        read, and schedules that give non-finite coefficients at a visited timestep;
+        TypeError for a schedule that is not a :class:`NoiseSchedule`.
     """
     if not isinstance(schedule, NoiseSchedule):
         raise TypeError(f"schedule must be a fused_ddpm.NoiseSchedule, got "
