@@ -103,8 +103,12 @@ def _learned_ok(m, C, variance_type):
     return m
 
 
-DIFFUSERS_VARIANCES = [v for v in VARIANCE_TYPES if v != "learned_log"]   # not in diffusers
-DDPM_GRID = list(itertools.product(PREDICTION_TYPES, DIFFUSERS_VARIANCES,
+# the registry's types that stock diffusers has too (learned_log is improved-diffusion's)
+DIFFUSERS_PREDICTIONS = [p for p in PREDICTION_TYPES if p in ("epsilon", "sample",
+                                                               "v_prediction")]
+DIFFUSERS_VARIANCES = [v for v in VARIANCE_TYPES if v in (
+    "fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")]
+DDPM_GRID = list(itertools.product(DIFFUSERS_PREDICTIONS, DIFFUSERS_VARIANCES,
                                    ["none", "clip", "threshold"]))
 
 
@@ -130,7 +134,7 @@ def test_ddpm_matches_diffusers(prediction_type, variance_type, clip, beta_sched
 @pytest.mark.parametrize("spacing, n, offset", [("leading", 10, 0), ("leading", 7, 1),
                                                 ("trailing", 10, 0), ("trailing", 7, 0),
                                                 ("linspace", 13, 0), ("custom", None, 0)])
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", DIFFUSERS_PREDICTIONS)
 def test_ddpm_respaced_matches_diffusers(spacing, n, offset, prediction_type):
     sched = fd.NoiseSchedule()
     if spacing == "custom":
@@ -153,7 +157,7 @@ def test_ddpm_respaced_matches_diffusers(spacing, n, offset, prediction_type):
         assert _rel(fd.reference.ddpm_step(x, m, t, c, noise=z), want) <= 1e-9
 
 
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", DIFFUSERS_PREDICTIONS)
 @pytest.mark.parametrize("clip", ["none", "clip", "threshold"])
 @pytest.mark.parametrize("eta, use_clipped", [(0.0, False), (0.7, False), (1.0, True)])
 @pytest.mark.parametrize("spacing, offset, set_alpha_to_one", [("leading", 1, True),
