@@ -183,7 +183,7 @@ class _FusedStepMixin:
         """(t for ddpm_step, whether noise is added: True/False when the host knows t,
         None for a device tensor)."""
         if isinstance(timestep, Tensor):
-            if timestep.device.type == "cpu":
+            if timestep.is_cpu:
                 if timestep.numel() == 1:
                     v = int(timestep)
                     return v, v > 0
@@ -215,7 +215,7 @@ class _FusedStepMixin:
         if self.noise == "philox":
             return None, self._draw_seeds(generator, sample.shape[0], sample.device)
         device = model_output.device
-        if generator is None or (isinstance(generator, torch.Generator) and
+        if generator is None or (type(generator) is torch.Generator and
                                  generator.device.type == device.type):
             # what randn_tensor does for one generator on the sample's device type
             z = torch.randn(sample.shape, generator=generator, device=device,
