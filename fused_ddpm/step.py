@@ -52,7 +52,7 @@ def _sig(a: Optional[Tensor]):
 
 def _value_sig(a) -> Any:
     """What validation checked about t or seeds: the kind of value, or a tensor's metadata."""
-    if type(a) is Tensor:
+    if isinstance(a, Tensor):
         return (a.shape, a.dtype, a.device)
     return type(a)
 
