@@ -152,9 +152,11 @@ def _probe_triton() -> str:
 
 # ----------------------------------------------------------------------------- launchers
 def _load_extension(checked: bool) -> Launchers:
+    """The torch ops (they always check). For a prepared step (``checked=False``) the
+    overloads' C++ callables themselves: the same ops without the Python wrapper's µs."""
     ops = torch.ops.fused_ddpm
-    return Launchers(ops.step_forward_kernel, ops.step_backward_kernel, ops.philox_uint32,
-                     ops.philox_normal_kernel)
+    found = [getattr(ops, n) for n in _CONTRACT_OPS]
+    return Launchers(*(op if checked else op.default._op for op in found))
 
 
 def _load_triton(checked: bool) -> Launchers:
