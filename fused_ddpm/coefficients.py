@@ -27,7 +27,8 @@ from .methods import METHODS, PREDICTIONS, VARIANCES, lookup
 from .schedule import NoiseSchedule, inference_timesteps
 
 __all__ = ["StepConfig", "StepCoefficients", "step_coefficients", "add_noise_coefficients",
-           "previous_timesteps", "METHODS", "PREDICTION_TYPES", "VARIANCE_TYPES"]
+           "previous_timesteps", "METHODS", "STEP_METHODS", "PREDICTION_TYPES",
+           "VARIANCE_TYPES"]
 
 PREDICTION_TYPES = tuple(PREDICTIONS)
 VARIANCE_TYPES = tuple(VARIANCES)
