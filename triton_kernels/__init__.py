@@ -1,9 +1,10 @@
 """Triton backend of fused-ddpm (installed as ``fused_ddpm.triton_kernels``).
 
-Launch functions follow docs/kernels.md exactly: they write into the given outputs, return
-None, do not validate user input and launch on the current stream.
+The launchers take the arguments of the C++ ops of docs/kernels.md in the same order (Python
+lists for the list arguments), check them with the same messages, write into the given
+outputs, return None (``philox_uint32`` returns its words) and launch on the current stream.
 """
-from .philox import philox_uint32
+from .noise import philox_normal, philox_uint32
 from .step import step_backward, step_forward
 
-__all__ = ["philox_uint32", "step_backward", "step_forward"]
+__all__ = ["philox_normal", "philox_uint32", "step_backward", "step_forward"]

@@ -1,0 +1,160 @@
+"""Which elements a program handles, and their in-kernel noise (shared by every kernel).
+
+Every tensor of a launch is sample-dense in one layout (docs/kernels.md), so a sample is
+walked as one dense vector of N = C·S elements in storage order; only the batch stride
+differs between tensors. The walk only matters for in-kernel noise, whose counter is the
+*logical* (row-major) index i of an element, not its storage position s:
+
+* ``FLAT``: programs take BLOCK consecutive storage positions of one sample. Right for every
+  launch without in-kernel noise, and for contiguous samples (i = s), where one Philox call
+  serves 4 consecutive elements.
+* ``CL_TILE``: channels-last samples with S % 4 == 0. A program takes 4·GB consecutive
+  spatial positions × all C channels (a [GB, 4, CB] tile, CB = C rounded up to a power of
+  two, channel lanes ≥ C masked); the 4 positions of one channel are 4 consecutive logical
+  indices, so one Philox call serves them.
+* ``CL_ELEM``: other channels-last samples: i = (s % C)·S + s // C per element, one Philox
+  call per element (the fallback).
+
+Offsets within a sample are int32 unless IDX64 (samples of ≥ IDX32_LIMIT elements); batch
+offsets are always int64.
+"""
+from __future__ import annotations
+
+import enum
+import os
+from dataclasses import dataclass
+
+import torch
+import triton
+import triton.language as tl
+
+from ..contract import Layout
+from .philox import normal_at, normals4, philox_key
+
+
+
+class Walk(enum.IntEnum):
+    """How programs walk the samples (module docstring)."""
+
+    FLAT = 0
+    CL_TILE = 1
+    CL_ELEM = 2
+
+
+FLAT = tl.constexpr(int(Walk.FLAT))
+CL_TILE = tl.constexpr(int(Walk.CL_TILE))
+CL_ELEM = tl.constexpr(int(Walk.CL_ELEM))
+
+INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
+# Elements per program under the interpreter (no tuning there); tests may change it.
+INTERPRET_BLOCK = 256
+# On a GPU: 16 elements per thread on 4 warps (four 128-bit accesses per fp32 stream).
+GPU_BLOCK, GPU_WARPS = 2048, 4
+# The per-element fallback keeps fewer elements per thread (a Philox call each).
+GPU_BLOCK_ELEM, GPU_WARPS_ELEM = 1024, 4
+# Samples of more elements than this use int64 in-sample offsets (room for a block's overrun).
+IDX32_LIMIT = 2 ** 31 - 2 ** 20
+# Channels-last tiles hold the channels of 4 positions in one program: up to this many.
+CL_TILE_MAX_C = 256
+# Box–Muller with sin.approx/cos.approx on NVIDIA GPUs (the 1e-5 of GPU fast math);
+# FUSED_DDPM_TRITON_ACCURATE_SINCOS=1 selects the accurate libdevice versions.
+FAST_SINCOS = (not INTERPRET and torch.version.hip is None
+               and os.environ.get("FUSED_DDPM_TRITON_ACCURATE_SINCOS", "0") != "1")
+
+
+@triton.jit
+def program_elements(N, S, WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.constexpr,
+                     IDX64: tl.constexpr, BLOCK: tl.constexpr):
+    """(b, start, offs, mask): this program's sample b, the first element (FLAT, CL_ELEM)
+    or spatial position (CL_TILE) it takes, and the in-sample storage offsets (a [BLOCK]
+    vector, or a [GB, 4, CB] tile) with their bounds mask."""
+    pid = tl.program_id(0)
+    if IDX64:
+        pid = pid.to(tl.int64)
+    if WALK == CL_TILE:
+        GB: tl.constexpr = BLOCK // (4 * CB)
+        ntile = tl.cdiv(S, 4 * GB)
+        b = pid // ntile
+        start = (pid - b * ntile) * (4 * GB)
+        p = start + 4 * tl.arange(0, GB)[:, None, None] + tl.arange(0, 4)[None, :, None]
+        c = tl.arange(0, CB)[None, None, :]
+        offs = p * CL_C + c
+        mask = (p < S) & (c < CL_C)
+    else:
+        nblk = tl.cdiv(N, BLOCK)
+        b = pid // nblk
+        start = (pid - b * nblk) * BLOCK
+        offs = start + tl.arange(0, BLOCK)
+        mask = offs < N
+    return b, start, offs, mask
+
+
+@triton.jit
+def program_noise(b, start, offs, seed_ptr, s_seed, tword, sword, C, S,
+                  WALK: tl.constexpr, CB: tl.constexpr, IDX64: tl.constexpr,
+                  FAST: tl.constexpr, BLOCK: tl.constexpr):
+    """The in-kernel normals of this program's elements, shaped like ``offs``."""
+    k0, k1 = philox_key(tl.load(seed_ptr + b * s_seed))
+    if WALK == FLAT:
+        # BLOCK is a multiple of 4 and blocks start at multiples of BLOCK
+        g = start // 4 + tl.arange(0, BLOCK // 4)
+        z0, z1, z2, z3 = normals4(g, tword, sword, k0, k1, IDX64, FAST)
+        z = tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+    elif WALK == CL_TILE:
+        GB: tl.constexpr = BLOCK // (4 * CB)
+        # channel c, positions start + 4j .. + 3: logical c·S + start + 4j, counter / 4
+        g = tl.arange(0, CB)[None, :] * (S // 4) + (start // 4 + tl.arange(0, GB)[:, None])
+        z0, z1, z2, z3 = normals4(g, tword, sword, k0, k1, IDX64, FAST)
+        z = tl.join(tl.join(z0, z2), tl.join(z1, z3))          # [GB, CB, 2, 2]: z_(2a+b)
+        z = tl.permute(tl.reshape(z, (GB, CB, 4)), (0, 2, 1))   # [GB, 4, CB]
+    else:
+        z = normal_at((offs % C) * S + offs // C, tword, sword, k0, k1, IDX64, FAST)
+    return z
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How one launch walks its samples (host side of :func:`program_elements`)."""
+
+    B: int
+    N: int
+    C: int
+    S: int
+    walk: Walk
+    cl_c: int      # C as a constexpr (CL_TILE), else 0
+    cb: int        # channel lanes of a tile (CL_TILE), else 1
+    idx64: bool
+    block: int
+    num_warps: int
+
+    @property
+    def grid(self):
+        if self.walk == Walk.CL_TILE:
+            per = self.block // (4 * self.cb) * 4
+            return (self.B * triton.cdiv(self.S, per),)
+        return (self.B * triton.cdiv(self.N, self.block),)
+
+    def constexprs(self):
+        return dict(WALK=int(self.walk), CL_C=self.cl_c, CB=self.cb, IDX64=self.idx64,
+                    BLOCK=self.block)
+
+
+def plan(x: torch.Tensor, layout: int, philox: bool) -> Plan:
+    """The walk for samples shaped like ``x`` ([B, C, *spatial], numel > 0) stored in
+    ``layout``, with (``philox``) or without in-kernel noise."""
+    B, C = x.shape[0], x.shape[1]
+    N = x.numel() // B
+    S = N // C
+    idx64 = N > IDX32_LIMIT
+    walk = Walk.FLAT
+    if philox and layout == Layout.CHANNELS_LAST and C > 1 and S > 1:
+        walk = Walk.CL_TILE if (S % 4 == 0 and C <= CL_TILE_MAX_C) else Walk.CL_ELEM
+    if walk == Walk.CL_TILE:
+        cb = triton.next_power_of_2(C)
+        block = max(INTERPRET_BLOCK if INTERPRET else GPU_BLOCK, 4 * cb)
+        return Plan(B, N, C, S, walk, C, cb, idx64, block, GPU_WARPS)
+    if INTERPRET:
+        return Plan(B, N, C, S, walk, 0, 1, idx64, INTERPRET_BLOCK, GPU_WARPS)
+    if walk == Walk.CL_ELEM:
+        return Plan(B, N, C, S, walk, 0, 1, idx64, GPU_BLOCK_ELEM, GPU_WARPS_ELEM)
+    return Plan(B, N, C, S, walk, 0, 1, idx64, GPU_BLOCK, GPU_WARPS)
