@@ -32,10 +32,11 @@ def _philox_uint32_kernel(out_ptr, seed_ptr, t_ptr, s_seed, s_t, numel, sword,
 def _philox_normal_kernel(out_ptr, seed_ptr, t_ptr, s_out, s_seed, s_t, N, C, S, sword,
                           WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.constexpr,
                           IDX64: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+    GV: tl.constexpr = 32 // out_ptr.dtype.element_ty.primitive_bitwidth
     b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, BLOCK)
     tword = tl.load(t_ptr + b * s_t).to(tl.uint32)
     z = program_noise(b, start, offs, seed_ptr, s_seed, tword, sword.to(tl.uint32), C, S,
-                      WALK, CB, IDX64, FAST, BLOCK)
+                      WALK, CL_C, CB, IDX64, FAST, BLOCK, GV)
     tl.store(out_ptr + b.to(tl.int64) * s_out + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 

@@ -119,6 +119,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
     HH: tl.constexpr = _bit(TERMS, COL_H)
     HS: tl.constexpr = _bit(TERMS, COL_S)
     NEED_XH: tl.constexpr = HP or WRITE_X0
+    GV: tl.constexpr = 32 // y_ptr.dtype.element_ty.primitive_bitwidth
 
     b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, BLOCK)
     cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
@@ -133,7 +134,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
     if HS or HE:
         if NOISE == NOISE_PHILOX:
             z = program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
-                              sword.to(tl.uint32), C, S, WALK, CB, IDX64, FAST, BLOCK)
+                              sword.to(tl.uint32), C, S, WALK, CL_C, CB, IDX64, FAST, BLOCK, GV)
         else:
             z = _load(z_ptr, sz, b, offs, mask)
 
@@ -205,6 +206,7 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
     NEED_A: tl.constexpr = HA and ((WX and HU) or (WM and HW) or (WZ and HE))
     NEED_XR: tl.constexpr = NEED_A and CLIP != CLIP_NONE
     NEED_Z: tl.constexpr = (WV and HS) or (NEED_XR and HE)
+    GV: tl.constexpr = 32 // gy_ptr.dtype.element_ty.primitive_bitwidth
 
     b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, BLOCK)
     cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
@@ -214,7 +216,7 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
     if NEED_Z:
         if NOISE == NOISE_PHILOX:
             z = program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
-                              sword.to(tl.uint32), C, S, WALK, CB, IDX64, FAST, BLOCK)
+                              sword.to(tl.uint32), C, S, WALK, CL_C, CB, IDX64, FAST, BLOCK, GV)
         else:
             z = _load(z_ptr, sz, b, offs, mask)
 

@@ -67,7 +67,7 @@ def program_elements(N, S, WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.conste
                      IDX64: tl.constexpr, BLOCK: tl.constexpr):
     """(b, start, offs, mask): this program's sample b, the first element (FLAT, CL_ELEM)
     or spatial position (CL_TILE) it takes, and the in-sample storage offsets (a [BLOCK]
-    vector, or a [GB, 4, CB] tile) with their bounds mask."""
+    vector, or [GB, 4·CB] rows of 4 positions × C channels) with their bounds mask."""
     pid = tl.program_id(0)
     if IDX64:
         pid = pid.to(tl.int64)
@@ -76,10 +76,14 @@ def program_elements(N, S, WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.conste
         ntile = tl.cdiv(S, 4 * GB)
         b = pid // ntile
         start = (pid - b * ntile) * (4 * GB)
-        p = start + 4 * tl.arange(0, GB)[:, None, None] + tl.arange(0, 4)[None, :, None]
-        c = tl.arange(0, CB)[None, None, :]
-        offs = p * CL_C + c
-        mask = (p < S) & (c < CL_C)
+        # rows of 4 positions × C channels: 4·C contiguous elements each (4·CB lanes)
+        p = start + 4 * tl.arange(0, GB)[:, None]
+        col = tl.arange(0, 4 * CB)[None, :]
+        offs = p * CL_C + col
+        if CL_C == CB:
+            mask = p < S
+        else:
+            mask = (p < S) & (col < 4 * CL_C)
     else:
         nblk = tl.cdiv(N, BLOCK)
         b = pid // nblk
@@ -90,16 +94,28 @@ def program_elements(N, S, WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.conste
 
 
 @triton.jit
+def _quad(g, tword, sword, k0, k1, IDX64: tl.constexpr, FAST: tl.constexpr):
+    """[n] counters → [n, 4] normals (the four elements of each counter in order)."""
+    z0, z1, z2, z3 = normals4(g, tword, sword, k0, k1, IDX64, FAST)
+    return tl.reshape(tl.join(tl.join(z0, z2), tl.join(z1, z3)), (g.shape[0], 4))
+
+
+@triton.jit
 def program_noise(b, start, offs, seed_ptr, s_seed, tword, sword, C, S,
-                  WALK: tl.constexpr, CB: tl.constexpr, IDX64: tl.constexpr,
-                  FAST: tl.constexpr, BLOCK: tl.constexpr):
+                  WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.constexpr, IDX64: tl.constexpr,
+                  FAST: tl.constexpr, BLOCK: tl.constexpr, GV: tl.constexpr):
     """The in-kernel normals of this program's elements, shaped like ``offs``."""
     k0, k1 = philox_key(tl.load(seed_ptr + b * s_seed))
     if WALK == FLAT:
-        # BLOCK is a multiple of 4 and blocks start at multiples of BLOCK
-        g = start // 4 + tl.arange(0, BLOCK // 4)
-        z0, z1, z2, z3 = normals4(g, tword, sword, k0, k1, IDX64, FAST)
-        z = tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+        # BLOCK is a multiple of 8 and blocks start at multiples of BLOCK. GV counters (1, or
+        # 2 for 16-bit dtypes) per thread-contiguous run, so that the 4·GV normals of a run
+        # fill one 128-bit access of the stored dtype without a layout conversion.
+        g = start // 4 + GV * tl.arange(0, BLOCK // (4 * GV))
+        z = _quad(g, tword, sword, k0, k1, IDX64, FAST)             # [BLOCK/GV/4, 4]
+        if GV == 2:
+            z1 = _quad(g + 1, tword, sword, k0, k1, IDX64, FAST)
+            z = tl.permute(tl.join(z, z1), (0, 2, 1))                # [BLOCK/8, 2, 4]
+        z = tl.reshape(z, (BLOCK,))
     elif WALK == CL_TILE:
         GB: tl.constexpr = BLOCK // (4 * CB)
         # channel c, positions start + 4j .. + 3: logical c·S + start + 4j, counter / 4
@@ -107,6 +123,12 @@ def program_noise(b, start, offs, seed_ptr, s_seed, tword, sword, C, S,
         z0, z1, z2, z3 = normals4(g, tword, sword, k0, k1, IDX64, FAST)
         z = tl.join(tl.join(z0, z2), tl.join(z1, z3))          # [GB, CB, 2, 2]: z_(2a+b)
         z = tl.permute(tl.reshape(z, (GB, CB, 4)), (0, 2, 1))   # [GB, 4, CB]
+        z = tl.reshape(z, (GB, 4 * CB))                          # lane j·CB + c
+        if CL_C != CB:
+            # storage lane j·C + c of a row takes lane j·CB + c
+            col = tl.arange(0, 4 * CB)
+            src = tl.where(col < 4 * CL_C, (col // CL_C) * CB + col % CL_C, 0)
+            z = tl.gather(z, tl.broadcast_to(src[None, :], (GB, 4 * CB)), 1)
     else:
         z = normal_at((offs % C) * S + offs // C, tword, sword, k0, k1, IDX64, FAST)
     return z
