@@ -1,13 +1,15 @@
 """The noise launches: raw Philox words and normals (docs/kernels.md, "Noise")."""
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from .checks import check_philox_normal, check_philox_uint32
 from .philox import philox_key, philox_words
-from .tiles import FAST_SINCOS, plan, program_elements, program_noise
+from .tiles import FAST_SINCOS, Launch, plan, program_elements, program_noise
 
 PHILOX_BLOCK = 1024   # words per program of philox_uint32
 
@@ -31,9 +33,10 @@ def _philox_uint32_kernel(out_ptr, seed_ptr, t_ptr, s_seed, s_t, numel, sword,
 @triton.jit(do_not_specialize=["sword"])
 def _philox_normal_kernel(out_ptr, seed_ptr, t_ptr, s_out, s_seed, s_t, N, C, S, sword,
                           WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.constexpr,
-                          IDX64: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+                          IDX64: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
+                          BLOCK: tl.constexpr):
     GV: tl.constexpr = 32 // out_ptr.dtype.element_ty.primitive_bitwidth
-    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, BLOCK)
+    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, EVEN, BLOCK)
     tword = tl.load(t_ptr + b * s_t).to(tl.uint32)
     z = program_noise(b, start, offs, seed_ptr, s_seed, tword, sword.to(tl.uint32), C, S,
                       WALK, CL_C, CB, IDX64, FAST, BLOCK, GV)
@@ -45,14 +48,22 @@ def philox_uint32(seeds: torch.Tensor, t: torch.Tensor, numel: int, stream: int)
     sample b takes word i mod 4 of Philox4x32-10((i//4 lo, i//4 hi, t[b], stream), seeds[b]).
     ``seeds``, ``t``: int64 ``[B]`` (stride 0 allowed)."""
     check_philox_uint32(seeds, t, numel, stream)
-    B = seeds.shape[0]
-    out = torch.empty((B, numel), dtype=torch.int64, device=seeds.device)
-    if B == 0 or numel == 0:
-        return out
-    grid = (B * triton.cdiv(numel, PHILOX_BLOCK),)
-    _philox_uint32_kernel[grid](out, seeds, t, seeds.stride(0), t.stride(0), numel, int(stream),
-                                BLOCK=PHILOX_BLOCK)
+    out = torch.empty((seeds.shape[0], numel), dtype=torch.int64, device=seeds.device)
+    launch = uint32_launch(seeds, t, stream, out)
+    if launch is not None:
+        launch()
     return out
+
+
+def uint32_launch(seeds, t, stream, out) -> Optional[Launch]:
+    """The kernel launch of :func:`philox_uint32` writing ``out`` [B, numel], or None when
+    ``out`` is empty."""
+    if out.numel() == 0:
+        return None
+    grid = (out.shape[0] * triton.cdiv(out.shape[1], PHILOX_BLOCK),)
+    return Launch(_philox_uint32_kernel, grid,
+                  (out, seeds, t, seeds.stride(0), t.stride(0), out.shape[1], int(stream)),
+                  dict(BLOCK=PHILOX_BLOCK))
 
 
 def philox_normal(seeds: torch.Tensor, t: torch.Tensor, stream: int, layout: int,
@@ -61,10 +72,19 @@ def philox_normal(seeds: torch.Tensor, t: torch.Tensor, stream: int, layout: int
     fp16/bf16/fp32, sample-dense in ``layout``) for ``seeds``, ``t`` (int64 ``[B]``) and the
     noise ``stream``: the values the step kernels use as z."""
     check_philox_normal(seeds, t, stream, layout, out)
+    launch = normal_launch(seeds, t, stream, layout, out)
+    if launch is not None:
+        launch()
+
+
+def normal_launch(seeds, t, stream, layout, out) -> Optional[Launch]:
+    """The kernel launch of :func:`philox_normal` (arguments checked), or None when ``out``
+    is empty."""
     if out.numel() == 0:
         return None
-    p = plan(out, layout, True)
-    _philox_normal_kernel[p.grid](out, seeds, t, out.stride(0), seeds.stride(0), t.stride(0),
-                                  p.N, p.C, p.S, int(stream), FAST=FAST_SINCOS and out.is_cuda,
-                                  **p.constexprs(), num_warps=p.num_warps)
-    return None
+    p = plan(out.shape, layout, True)
+    return Launch(_philox_normal_kernel, p.grid,
+                  (out, seeds, t, out.stride(0), seeds.stride(0), t.stride(0), p.N, p.C, p.S,
+                   int(stream)),
+                  dict(FAST=FAST_SINCOS and out.is_cuda, **p.constexprs(),
+                       num_warps=p.num_warps))

@@ -25,7 +25,7 @@ from .checks import check_backward, check_forward
 from .consts import (CLIP_DYNAMIC, CLIP_NONE, CLIP_STATIC, COL_E, COL_H, COL_P, COL_Q, COL_R,
                      COL_S, COL_U, COL_VA, COL_VB, COL_W, IN_H, IN_M, IN_MC, IN_V, IN_X, IN_Z,
                      NCOLS, NOISE_PHILOX, VAR_EXP, VAR_FIXED, VAR_SQRT)
-from .tiles import FAST_SINCOS, plan, program_elements, program_noise
+from .tiles import FAST_SINCOS, Launch, plan, program_elements, program_noise
 
 LOG2E = tl.constexpr(1.4426950408889634)
 
@@ -108,8 +108,8 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
                      CLIP: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr,
                      TERMS: tl.constexpr, GUIDED: tl.constexpr, GSCALE: tl.constexpr,
                      WRITE_X0: tl.constexpr, WALK: tl.constexpr, CL_C: tl.constexpr,
-                     CB: tl.constexpr, IDX64: tl.constexpr, FAST: tl.constexpr,
-                     BLOCK: tl.constexpr):
+                     CB: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr,
+                     FAST: tl.constexpr, BLOCK: tl.constexpr):
     HU: tl.constexpr = _bit(TERMS, COL_U)
     HW: tl.constexpr = _bit(TERMS, COL_W)
     HE: tl.constexpr = _bit(TERMS, COL_E)
@@ -121,7 +121,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
     NEED_XH: tl.constexpr = HP or WRITE_X0
     GV: tl.constexpr = 32 // y_ptr.dtype.element_ty.primitive_bitwidth
 
-    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, BLOCK)
+    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, EVEN, BLOCK)
     cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
 
     if HU or HQ:
@@ -187,7 +187,7 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
                      TERMS: tl.constexpr, GUIDED: tl.constexpr, GSCALE: tl.constexpr,
                      HAS_G0: tl.constexpr, WANT: tl.constexpr, WALK: tl.constexpr,
                      CL_C: tl.constexpr, CB: tl.constexpr, IDX64: tl.constexpr,
-                     FAST: tl.constexpr, BLOCK: tl.constexpr):
+                     EVEN: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
     HU: tl.constexpr = _bit(TERMS, COL_U)
     HW: tl.constexpr = _bit(TERMS, COL_W)
     HE: tl.constexpr = _bit(TERMS, COL_E)
@@ -208,7 +208,7 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
     NEED_Z: tl.constexpr = (WV and HS) or (NEED_XR and HE)
     GV: tl.constexpr = 32 // gy_ptr.dtype.element_ty.primitive_bitwidth
 
-    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, BLOCK)
+    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, EVEN, BLOCK)
     cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
     gy = _load(gy_ptr, sgy, b, offs, mask)
     if GUIDED:
@@ -309,19 +309,48 @@ def _ptr(a: Optional[torch.Tensor], dummy: torch.Tensor):
     return (dummy, 0) if a is None else (a, a.stride(0))
 
 
-def _common(ins, t, seeds, table, thresh, gscale, flags, scalars):
+def _launch(kernel, ins, stream_outs, t, seeds, table, thresh, gscale, flags, scalars,
+            **const) -> Launch:
+    """The launch of ``kernel``: its arguments are, in order, the pointers of ``ins`` and
+    ``stream_outs`` (tensors like X, or None), of t, seeds, table, thresh and gscale, the
+    batch strides of the same, then N, C, S, R, clip, guidance and the stream word."""
     x = ins[In.X]
     noise = flags[Flag.NOISE]
-    p = plan(x, flags[Flag.LAYOUT], noise == Noise.PHILOX)
-    streams = [_ptr(ins[i], x) for i in In]
-    per_sample = [(t, t.stride(0)), _ptr(seeds, t), _ptr(thresh, table),
-                  _ptr(gscale, table)]
-    tail = (p.N, p.C, p.S, table.shape[0], float(scalars[Scalar.CLIP]),
-            float(scalars[Scalar.GUIDANCE]), int(flags[Flag.NOISE_STREAM]))
-    const = dict(CLIP=int(flags[Flag.CLIP]), VAR=int(flags[Flag.VAR]), NOISE=int(noise),
+    p = plan(x.shape, flags[Flag.LAYOUT], noise == Noise.PHILOX)
+    streams = [_ptr(a, x) for a in list(ins) + list(stream_outs)]
+    per_sample = [(t, t.stride(0)), _ptr(seeds, t), _ptr(thresh, table), _ptr(gscale, table)]
+    args = ([a for a, _ in streams] + [t, per_sample[1][0], table, per_sample[2][0],
+                                       per_sample[3][0]]
+            + [s for _, s in streams] + [s for _, s in per_sample]
+            + [p.N, p.C, p.S, table.shape[0], float(scalars[Scalar.CLIP]),
+               float(scalars[Scalar.GUIDANCE]), int(flags[Flag.NOISE_STREAM])])
+    const.update(CLIP=int(flags[Flag.CLIP]), VAR=int(flags[Flag.VAR]), NOISE=int(noise),
                  TERMS=int(flags[Flag.TERMS]), GUIDED=ins[In.MC] is not None,
-                 GSCALE=gscale is not None, FAST=FAST_SINCOS and x.is_cuda, **p.constexprs())
-    return p, streams, per_sample, tail, const
+                 GSCALE=gscale is not None, FAST=FAST_SINCOS and x.is_cuda, **p.constexprs(),
+                 num_warps=p.num_warps)
+    return Launch(kernel, p.grid, tuple(args), const)
+
+
+def forward_launch(ins, t, seeds, table, thresh, gscale, outs, flags, scalars
+                   ) -> Optional[Launch]:
+    """The kernel launch of :func:`step_forward` (arguments checked), or None when there is
+    nothing to compute."""
+    if ins[In.X].numel() == 0:
+        return None
+    return _launch(_step_fwd_kernel, ins, [outs[i] for i in Out], t, seeds, table, thresh,
+                   gscale, flags, scalars, WRITE_X0=outs[Out.X0] is not None)
+
+
+def backward_launch(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads, flags,
+                    scalars) -> Optional[Launch]:
+    """The kernel launch of :func:`step_backward` (arguments checked), or None when there is
+    nothing to compute."""
+    want = sum(1 << int(i) for i in In if grads[i] is not None)
+    if ins[In.X].numel() == 0 or not want:
+        return None
+    return _launch(_step_bwd_kernel, ins, [grad_y, grad_x0] + [grads[i] for i in In], t, seeds,
+                   table, thresh, gscale, flags, scalars, HAS_G0=grad_x0 is not None,
+                   WANT=want)
 
 
 def step_forward(ins: Sequence[Optional[torch.Tensor]], t: torch.Tensor,
@@ -333,22 +362,13 @@ def step_forward(ins: Sequence[Optional[torch.Tensor]], t: torch.Tensor,
 
     ``ins``: [NUM_IN] streams ``[B, C, *spatial]`` fp16/bf16/fp32 or None; ``t``, ``seeds``:
     int64 ``[B]``; ``table``: float32 ``[R, NUM_COLS]``; ``thresh``, ``gscale``: float32
-    ``[B]`` or None; ``outs``: [NUM_OUT] (Y always, X0 optional), written in place.
+    ``[B]`` or None; ``outs``: [NUM_OUT] (Y always, X0 optional), written in place;
+    ``flags``: [NUM_FLAGS] ints; ``scalars``: [NUM_SCALARS] floats.
     """
     check_forward(ins, t, seeds, table, thresh, gscale, outs, flags, scalars)
-    x = ins[In.X]
-    if x.numel() == 0:
-        return None
-    p, streams, per_sample, tail, const = _common(ins, t, seeds, table, thresh, gscale, flags,
-                                                  scalars)
-    outp = [_ptr(outs[i], x) for i in Out]
-    args = ([a for a, _ in streams] + [a for a, _ in outp]
-            + [t, per_sample[1][0], table, per_sample[2][0], per_sample[3][0]]
-            + [s for _, s in streams] + [s for _, s in outp] + [s for _, s in per_sample]
-            + list(tail))
-    _step_fwd_kernel[p.grid](*args, WRITE_X0=outs[Out.X0] is not None, **const,
-                             num_warps=p.num_warps)
-    return None
+    launch = forward_launch(ins, t, seeds, table, thresh, gscale, outs, flags, scalars)
+    if launch is not None:
+        launch()
 
 
 def step_backward(ins: Sequence[Optional[torch.Tensor]], grad_y: torch.Tensor,
@@ -358,20 +378,11 @@ def step_backward(ins: Sequence[Optional[torch.Tensor]], grad_y: torch.Tensor,
                   grads: Sequence[Optional[torch.Tensor]], flags: Sequence[int],
                   scalars: Sequence[float]) -> None:
     """The backward of the step into the given ``grads`` (docs/kernels.md:
-    ``step_backward_kernel``); ``grads``: [NUM_IN], None where a gradient is not wanted."""
+    ``step_backward_kernel``): ``grad_y`` (and ``grad_x0``) like X; ``grads``: [NUM_IN],
+    None where a gradient is not wanted; the other arguments as in :func:`step_forward`."""
     check_backward(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads, flags,
                    scalars)
-    x = ins[In.X]
-    want = sum(1 << int(i) for i in In if grads[i] is not None)
-    if x.numel() == 0 or not want:
-        return None
-    p, streams, per_sample, tail, const = _common(ins, t, seeds, table, thresh, gscale, flags,
-                                                  scalars)
-    g = [_ptr(grad_y, x), _ptr(grad_x0, x)] + [_ptr(grads[i], x) for i in In]
-    args = ([a for a, _ in streams] + [a for a, _ in g]
-            + [t, per_sample[1][0], table, per_sample[2][0], per_sample[3][0]]
-            + [s for _, s in streams] + [s for _, s in g] + [s for _, s in per_sample]
-            + list(tail))
-    _step_bwd_kernel[p.grid](*args, HAS_G0=grad_x0 is not None, WANT=want, **const,
-                             num_warps=p.num_warps)
-    return None
+    launch = backward_launch(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads,
+                             flags, scalars)
+    if launch is not None:
+        launch()

@@ -21,8 +21,10 @@ offsets are always int64.
 from __future__ import annotations
 
 import enum
+import math
 import os
 from dataclasses import dataclass
+from typing import Any, Dict, Sequence, Tuple
 
 import torch
 import triton
@@ -64,10 +66,11 @@ FAST_SINCOS = (not INTERPRET and torch.version.hip is None
 
 @triton.jit
 def program_elements(N, S, WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.constexpr,
-                     IDX64: tl.constexpr, BLOCK: tl.constexpr):
+                     IDX64: tl.constexpr, EVEN: tl.constexpr, BLOCK: tl.constexpr):
     """(b, start, offs, mask): this program's sample b, the first element (FLAT, CL_ELEM)
     or spatial position (CL_TILE) it takes, and the in-sample storage offsets (a [BLOCK]
-    vector, or [GB, 4·CB] rows of 4 positions × C channels) with their bounds mask."""
+    vector, or [GB, 4·CB] rows of 4 positions × C channels) with their bounds mask (None
+    when EVEN: every program's elements are all in bounds)."""
     pid = tl.program_id(0)
     if IDX64:
         pid = pid.to(tl.int64)
@@ -80,7 +83,9 @@ def program_elements(N, S, WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.conste
         p = start + 4 * tl.arange(0, GB)[:, None]
         col = tl.arange(0, 4 * CB)[None, :]
         offs = p * CL_C + col
-        if CL_C == CB:
+        if EVEN:
+            mask = tl.full(offs.shape, 1, tl.int1)
+        elif CL_C == CB:
             mask = p < S
         else:
             mask = (p < S) & (col < 4 * CL_C)
@@ -89,7 +94,10 @@ def program_elements(N, S, WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.conste
         b = pid // nblk
         start = (pid - b * nblk) * BLOCK
         offs = start + tl.arange(0, BLOCK)
-        mask = offs < N
+        if EVEN:
+            mask = tl.full(offs.shape, 1, tl.int1)
+        else:
+            mask = offs < N
     return b, start, offs, mask
 
 
@@ -135,6 +143,19 @@ def program_noise(b, start, offs, seed_ptr, s_seed, tword, sword, C, S,
 
 
 @dataclass(frozen=True)
+class Launch:
+    """One kernel launch, ready to run: ``kernel[grid](*args, **kwargs)``."""
+
+    kernel: Any
+    grid: Tuple[int, ...]
+    args: Tuple[Any, ...]
+    kwargs: Dict[str, Any]
+
+    def __call__(self) -> None:
+        self.kernel[self.grid](*self.args, **self.kwargs)
+
+
+@dataclass(frozen=True)
 class Plan:
     """How one launch walks its samples (host side of :func:`program_elements`)."""
 
@@ -156,17 +177,24 @@ class Plan:
             return (self.B * triton.cdiv(self.S, per),)
         return (self.B * triton.cdiv(self.N, self.block),)
 
+    @property
+    def even(self) -> bool:
+        """Whether every program's elements are all in bounds (no masks)."""
+        if self.walk == Walk.CL_TILE:
+            return self.cl_c == self.cb and self.S % (self.block // self.cb) == 0
+        return self.N % self.block == 0
+
     def constexprs(self):
         return dict(WALK=int(self.walk), CL_C=self.cl_c, CB=self.cb, IDX64=self.idx64,
-                    BLOCK=self.block)
+                    EVEN=self.even, BLOCK=self.block)
 
 
-def plan(x: torch.Tensor, layout: int, philox: bool) -> Plan:
-    """The walk for samples shaped like ``x`` ([B, C, *spatial], numel > 0) stored in
-    ``layout``, with (``philox``) or without in-kernel noise."""
-    B, C = x.shape[0], x.shape[1]
-    N = x.numel() // B
-    S = N // C
+def plan(shape: Sequence[int], layout: int, philox: bool) -> Plan:
+    """The walk for tensors of ``shape`` ([B, C, *spatial], no size 0) stored in ``layout``,
+    with (``philox``) or without in-kernel noise."""
+    B, C = shape[0], shape[1]
+    S = math.prod(shape[2:])
+    N = C * S
     idx64 = N > IDX32_LIMIT
     walk = Walk.FLAT
     if philox and layout == Layout.CHANNELS_LAST and C > 1 and S > 1:
