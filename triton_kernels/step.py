@@ -245,6 +245,15 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
                 s = tl.load(thresh_ptr + b * s_thr)
                 a = tl.where((xr >= -s) & (xr <= s), a * (1.0 / s), 0.0)
 
+    if WZ or WV:
+        v = 0.0
+        if VAR != VAR_FIXED:
+            if HS:
+                v = _load(v_ptr, sv, b, offs, mask)
+        if HS:
+            sigma = _sigma(cb, v, VAR)
+
+    # every input is loaded above, so a gradient may be written over an input
     if WX:
         gx = 0.0
         if HQ:
@@ -269,13 +278,6 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
                 _store(gmc_ptr, sgmc, b, offs, mask, gm * a2)
         else:
             _store(gm_ptr, sgm, b, offs, mask, gm)
-    if WZ or WV:
-        v = 0.0
-        if VAR != VAR_FIXED:
-            if HS:
-                v = _load(v_ptr, sv, b, offs, mask)
-        if HS:
-            sigma = _sigma(cb, v, VAR)
     if WZ:
         gz = 0.0
         if HS:
@@ -316,8 +318,10 @@ def _launch(kernel, ins, stream_outs, t, seeds, table, thresh, gscale, flags, sc
     batch strides of the same, then N, C, S, R, clip, guidance and the stream word."""
     x = ins[In.X]
     noise = flags[Flag.NOISE]
-    p = plan(x.shape, flags[Flag.LAYOUT], noise == Noise.PHILOX)
-    streams = [_ptr(a, x) for a in list(ins) + list(stream_outs)]
+    tensors = list(ins) + list(stream_outs)
+    p = plan(x.shape, flags[Flag.LAYOUT], noise == Noise.PHILOX,
+             sum(a is not None for a in tensors))
+    streams = [_ptr(a, x) for a in tensors]
     per_sample = [(t, t.stride(0)), _ptr(seeds, t), _ptr(thresh, table), _ptr(gscale, table)]
     args = ([a for a, _ in streams] + [t, per_sample[1][0], table, per_sample[2][0],
                                        per_sample[3][0]]

@@ -48,12 +48,16 @@ CL_TILE = tl.constexpr(int(Walk.CL_TILE))
 CL_ELEM = tl.constexpr(int(Walk.CL_ELEM))
 
 INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Elements per program under the interpreter (no tuning there); tests may change it.
+# Elements per program under the interpreter (no tuning there; a power of two ≥ 8); tests
+# may change it.
 INTERPRET_BLOCK = 256
 # On a GPU: 16 elements per thread on 4 warps (four 128-bit accesses per fp32 stream).
 GPU_BLOCK, GPU_WARPS = 2048, 4
-# The per-element fallback keeps fewer elements per thread (a Philox call each).
+# The per-element fallback, samples of sizes not divisible by 16 and tiles of C < CB
+# channels with many streams keep fewer elements per thread.
 GPU_BLOCK_ELEM, GPU_WARPS_ELEM = 1024, 4
+# Channels-last tiles of C < CB channels touching more streams than this take GPU_BLOCK_ELEM.
+GATHER_MAX_STREAMS = 4
 # Samples of more elements than this use int64 in-sample offsets (room for a block's overrun).
 IDX32_LIMIT = 2 ** 31 - 2 ** 20
 # Channels-last tiles hold the channels of 4 positions in one program: up to this many.
@@ -189,9 +193,9 @@ class Plan:
                     EVEN=self.even, BLOCK=self.block)
 
 
-def plan(shape: Sequence[int], layout: int, philox: bool) -> Plan:
+def plan(shape: Sequence[int], layout: int, philox: bool, streams: int = 3) -> Plan:
     """The walk for tensors of ``shape`` ([B, C, *spatial], no size 0) stored in ``layout``,
-    with (``philox``) or without in-kernel noise."""
+    with (``philox``) or without in-kernel noise, touching ``streams`` tensors of that shape."""
     B, C = shape[0], shape[1]
     S = math.prod(shape[2:])
     N = C * S
@@ -201,10 +205,14 @@ def plan(shape: Sequence[int], layout: int, philox: bool) -> Plan:
         walk = Walk.CL_TILE if (S % 4 == 0 and C <= CL_TILE_MAX_C) else Walk.CL_ELEM
     if walk == Walk.CL_TILE:
         cb = triton.next_power_of_2(C)
-        block = max(INTERPRET_BLOCK if INTERPRET else GPU_BLOCK, 4 * cb)
-        return Plan(B, N, C, S, walk, C, cb, idx64, block, GPU_WARPS)
+        # C < CB (the in-row gather) holds more registers: with many streams, half the
+        # elements per thread
+        small = cb != C and streams > GATHER_MAX_STREAMS
+        block = INTERPRET_BLOCK if INTERPRET else GPU_BLOCK_ELEM if small else GPU_BLOCK
+        return Plan(B, N, C, S, walk, C, cb, idx64, max(block, 4 * cb), GPU_WARPS)
     if INTERPRET:
-        return Plan(B, N, C, S, walk, 0, 1, idx64, INTERPRET_BLOCK, GPU_WARPS)
-    if walk == Walk.CL_ELEM:
+        return Plan(B, N, C, S, walk, 0, 1, idx64, max(INTERPRET_BLOCK, 8), GPU_WARPS)
+    if walk == Walk.CL_ELEM or N % 16:
+        # (sizes that allow no vector accesses need a 64-bit address per element: fewer)
         return Plan(B, N, C, S, walk, 0, 1, idx64, GPU_BLOCK_ELEM, GPU_WARPS_ELEM)
     return Plan(B, N, C, S, walk, 0, 1, idx64, GPU_BLOCK, GPU_WARPS)
