@@ -322,7 +322,7 @@ def build_launch(mods, v: Variant):
         seeds, t = per_sample(torch.int64), per_sample(torch.int64)
         checks.check_philox_normal(seeds, t, 1, int(layout), out)
         launch = noise_mod.normal_launch(seeds, t, 1, int(layout), out)
-        return dataclasses.replace(launch, kwargs={**launch.kwargs, "FAST": v.fast})
+        return launch._replace(kwargs={**launch.kwargs, "FAST": v.fast})
 
     noise = {"none": Noise.NONE, "ext": Noise.EXTERNAL}.get(v.walk, Noise.PHILOX)
     cols = [Col[c] for c in TERM_PROFILES[v.terms]]
@@ -369,7 +369,7 @@ def build_launch(mods, v: Variant):
                               scalars)
         launch = step.backward_launch(ins, gy, g0, t, seeds, table, thresh, gscale, grads,
                                       flags, scalars)
-    return dataclasses.replace(launch, kwargs={**launch.kwargs, "FAST": v.fast})
+    return launch._replace(kwargs={**launch.kwargs, "FAST": v.fast})
 
 
 def compile_launch(launch, arch: int):

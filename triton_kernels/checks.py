@@ -1,32 +1,57 @@
-"""Argument checks of the Triton launchers: the promises of docs/kernels.md, with the same
-messages as the C++ ops (TypeError for a dtype, ValueError for a shape, layout, flag or a
-missing/extra stream). Cheap: they run on every launch.
+"""Argument checks of the Triton launchers: the promises of docs/kernels.md, in the order and
+with the wording of the C++ ops' checks (TypeError for a dtype; ValueError for a shape,
+layout, flag, device or a missing/extra stream). Cheap: they run on every launch.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Sequence
 
 import torch
 
-from ..contract import (NUM_FLAGS, NUM_IN, NUM_OUT, NUM_SCALARS, TERM_COLS, Clip, Col, Flag,
-                        In, Layout, Noise, NoiseStream, Out, Var)
+from ..contract import (NUM_COLS, NUM_FLAGS, NUM_IN, NUM_OUT, NUM_SCALARS, TERM_COLS, Clip, Col,
+                        Flag, In, Layout, Noise, NoiseStream, Out, Scalar, Var)
 
 _FLOATS = (torch.float16, torch.bfloat16, torch.float32)
+# plain ints of the contract's names (an enum member lookup costs a µs per launch)
+_F_CLIP, _F_VAR, _F_NOISE, _F_LAYOUT, _F_TERMS, _F_STREAM = (
+    int(Flag.CLIP), int(Flag.VAR), int(Flag.NOISE), int(Flag.LAYOUT), int(Flag.TERMS),
+    int(Flag.NOISE_STREAM))
+_S_CLIP = int(Scalar.CLIP)
+_NOISE_NONE, _NOISE_EXTERNAL, _NOISE_PHILOX = (int(Noise.NONE), int(Noise.EXTERNAL),
+                                               int(Noise.PHILOX))
+_CLIP_STATIC, _CLIP_DYNAMIC = int(Clip.STATIC), int(Clip.DYNAMIC)
+_VAR_FIXED = int(Var.FIXED)
+_S_OR_E = 1 << int(Col.S) | 1 << int(Col.E)
+_W_OR_R = 1 << int(Col.W) | 1 << int(Col.R)
+_H_BIT = 1 << int(Col.H)
+_X, _M, _MC, _V, _Z, _H = (int(i) for i in (In.X, In.M, In.MC, In.V, In.Z, In.H))
+_Y = int(Out.Y)
 _TERM_MASK = sum(1 << int(c) for c in TERM_COLS)
-_FLAG_ENUMS = ((Flag.CLIP, Clip), (Flag.VAR, Var), (Flag.NOISE, Noise), (Flag.LAYOUT, Layout),
-               (Flag.NOISE_STREAM, NoiseStream))
+_TERM_NAMES = " ".join(c.name for c in TERM_COLS)
+_IN_NAMES = " ".join(i.name for i in In)
+_OUT_NAMES = " ".join(o.name for o in Out)
+
+
+_CONTIGUOUS, _CHANNELS_LAST = int(Layout.CONTIGUOUS), int(Layout.CHANNELS_LAST)
+_CL_FORMAT = {4: torch.channels_last, 5: torch.channels_last_3d}
 
 
 def sample_dense(a: torch.Tensor, layout: int) -> bool:
-    """Whether every sample a[b] is dense in ``layout`` (sizes of 1 constrain nothing)."""
-    size, stride = a.shape, a.stride()
-    expected = 1
-    if layout == Layout.CONTIGUOUS:
+    """Whether every sample a[b] is dense in ``layout``: contiguous, or contiguous in
+    channels-last order (strides (1, …, C) for dims 1, 2, …); sizes of 1 constrain nothing."""
+    if layout == _CONTIGUOUS:
+        if a.is_contiguous():
+            return True
         dims = range(a.dim() - 1, 0, -1)
-    elif layout == Layout.CHANNELS_LAST:
+    elif layout == _CHANNELS_LAST:
+        fmt = _CL_FORMAT.get(a.dim())
+        if fmt is not None and a.is_contiguous(memory_format=fmt):
+            return True
         dims = [1, *range(a.dim() - 1, 1, -1)]
     else:
-        raise ValueError(f"unknown layout {layout!r}")
+        raise ValueError(f"layout must be a Layout value, got {layout!r}")
+    size, stride = a.shape, a.stride()
+    expected = 1
     for d in dims:
         if size[d] != 1 and stride[d] != expected:
             return False
@@ -34,244 +59,234 @@ def sample_dense(a: torch.Tensor, layout: int) -> bool:
     return True
 
 
-def _enum_text(e) -> str:
-    return f"{e.__name__} {{" + ", ".join(f"{m.name}={int(m)}" for m in e) + "}"
+def _values(e) -> str:
+    return ", ".join(f"{m.name} {int(m)}" for m in e)
 
 
-def _list(op: str, name: str, value, n: int) -> None:
+def _flag(op: str, flags, flag: int, e) -> int:
+    v = flags[flag]
+    if v not in e._value2member_map_:
+        raise ValueError(f"{op}: flags[{Flag(flag).name}] must be a {e.__name__} value, got "
+                         f"{v!r}")
+    return v
+
+
+def _stream(op: str, name: str, v) -> None:
+    if v not in NoiseStream._value2member_map_:
+        raise ValueError(f"{op}: {name} must be a NoiseStream value ({_values(NoiseStream)}), "
+                         f"got {v!r}")
+
+
+def _count(op: str, name: str, value, n: int, what: str) -> None:
     if not isinstance(value, (list, tuple)):
-        raise TypeError(f"{op}: {name} must be a list of {n}, got {type(value).__name__}")
+        raise TypeError(f"{op}: {name} must be a list, got {type(value).__name__}")
     if len(value) != n:
-        raise ValueError(f"{op}: {name} must have {n} entries, got {len(value)}")
+        raise ValueError(f"{op}: {name} must have {n} entries ({what}), got {len(value)}")
 
 
-def _tensor(op: str, name: str, a) -> None:
+def _is_tensor(op: str, name: str, a) -> None:
     if not isinstance(a, torch.Tensor):
-        raise TypeError(f"{op}: {name} must be a tensor or None, got {type(a).__name__}")
+        raise TypeError(f"{op}: {name} must be a tensor, got {type(a).__name__}")
 
 
-def _flags(op: str, flags: Sequence[int], scalars: Sequence[float]) -> None:
-    _list(op, "flags", flags, NUM_FLAGS)
-    _list(op, "scalars", scalars, NUM_SCALARS)
-    for idx, e in _FLAG_ENUMS:
-        if flags[idx] not in e._value2member_map_:
-            raise ValueError(f"{op}: flags[{idx.name}] must be one of {_enum_text(e)}, "
-                             f"got {flags[idx]!r}")
-    terms = flags[Flag.TERMS]
+def _decode_flags(op: str, flags, scalars):
+    """(clip, var, noise, layout, terms) after checking the flags and scalars lists."""
+    _count(op, "flags", flags, NUM_FLAGS, "contract.Flag")
+    _count(op, "scalars", scalars, NUM_SCALARS, "contract.Scalar")
+    clip = _flag(op, flags, _F_CLIP, Clip)
+    var = _flag(op, flags, _F_VAR, Var)
+    noise = _flag(op, flags, _F_NOISE, Noise)
+    layout = _flag(op, flags, _F_LAYOUT, Layout)
+    terms = flags[_F_TERMS]
     if not isinstance(terms, int) or terms < 0 or terms & ~_TERM_MASK:
-        raise ValueError(f"{op}: flags[TERMS] must be a bit mask over the columns "
-                         f"{', '.join(c.name for c in TERM_COLS)} (0..{_TERM_MASK}), got "
-                         f"{terms!r}")
-
-
-def _bit(terms: int, col: Col) -> bool:
-    return bool(terms >> int(col) & 1)
-
-
-class _Like:
-    """Checks tensors against the reference stream x: shape, dtype, device, layout."""
-
-    def __init__(self, op: str, x: torch.Tensor, layout: int):
-        self.op, self.x, self.layout = op, x, layout
-        self.empty = x.numel() == 0
-
-    def __call__(self, name: str, a, output: bool = False) -> None:
-        op, x = self.op, self.x
-        _tensor(op, name, a)
-        if a.shape != x.shape:
-            raise ValueError(f"{op}: {name} must have the shape of ins[X] {list(x.shape)}, "
-                             f"got {list(a.shape)}")
-        if a.dtype != x.dtype:
-            raise TypeError(f"{op}: {name} must have the dtype of ins[X] ({x.dtype}), got "
-                            f"{a.dtype}")
-        if a.device != x.device:
-            raise ValueError(f"{op}: {name} must be on the device of ins[X] ({x.device}), got "
-                             f"{a.device}")
-        if self.empty:
-            return
-        if not sample_dense(a, self.layout):
-            raise ValueError(f"{op}: {name} must be sample-dense in the layout "
-                             f"{Layout(self.layout).name}, got strides {list(a.stride())} for "
-                             f"shape {list(a.shape)}")
-        if output and a.shape[0] > 1 and a.stride(0) < a[0].numel():
-            raise ValueError(f"{op}: {name} is an output whose samples overlap in memory "
-                             f"(batch stride {a.stride(0)} < {a[0].numel()} elements per sample)")
-
-
-def _per_sample(op: str, name: str, a, dtype: torch.dtype, x: torch.Tensor) -> None:
-    _tensor(op, name, a)
-    if a.dtype != dtype:
-        raise TypeError(f"{op}: {name} must be {dtype}, got {a.dtype}")
-    if a.dim() != 1 or a.shape[0] != x.shape[0]:
-        raise ValueError(f"{op}: {name} must have shape [B] = [{x.shape[0]}], got "
-                         f"{list(a.shape)}")
-    if a.device != x.device:
-        raise ValueError(f"{op}: {name} must be on the device of ins[X] ({x.device}), got "
-                         f"{a.device}")
-
-
-def _presence(op: str, name: str, a, wanted: bool, why: str) -> None:
-    if wanted and a is None:
-        raise ValueError(f"{op}: {name} is missing: {why}")
-    if not wanted and a is not None:
-        raise ValueError(f"{op}: {name} must be None: {why}")
-
-
-def check_step(op: str, ins, t, seeds, table, thresh, gscale, flags, scalars) -> _Like:
-    """Checks shared by the forward and backward launches; returns the stream checker."""
-    _list(op, "ins", ins, NUM_IN)
-    _flags(op, flags, scalars)
-    x = ins[In.X]
-    if x is None:
-        raise ValueError(f"{op}: ins[X] is missing: it is always given")
-    _tensor(op, "ins[X]", x)
-    if x.dtype not in _FLOATS:
-        raise TypeError(f"{op}: ins[X] must be float16, bfloat16 or float32 on this backend, "
-                        f"got {x.dtype}")
-    if x.dim() < 2:
-        raise ValueError(f"{op}: ins[X] must have shape [B, C, *spatial], got {list(x.shape)}")
-    layout = flags[Flag.LAYOUT]
-    if layout == Layout.CHANNELS_LAST and x.dim() < 3:
-        raise ValueError(f"{op}: flags[LAYOUT] is CHANNELS_LAST but ins[X] has no spatial "
-                         f"dimension (shape {list(x.shape)})")
-    like = _Like(op, x, layout)
-    like("ins[X]", x)
-
-    terms = flags[Flag.TERMS]
-    noise, var, clip = flags[Flag.NOISE], flags[Flag.VAR], flags[Flag.CLIP]
-    needs_z = _bit(terms, Col.S) or _bit(terms, Col.E)
-    if needs_z and noise == Noise.NONE:
-        raise ValueError(f"{op}: flags[NOISE] is NONE but flags[TERMS] has the S or E bit set "
+        raise ValueError(f"{op}: flags[TERMS] must be a mask of the term columns {_TERM_NAMES} "
+                         f"(bits within {_TERM_MASK}), got {terms!r}")
+    _stream(op, "flags[NOISE_STREAM]", flags[_F_STREAM])
+    if noise == _NOISE_NONE and terms & _S_OR_E:
+        raise ValueError(f"{op}: flags[NOISE] is NONE but the S or E bit of flags[TERMS] is set "
                          f"(those terms need z)")
-    if not needs_z and noise != Noise.NONE:
-        raise ValueError(f"{op}: flags[NOISE] must be NONE when flags[TERMS] has neither the S "
-                         f"nor the E bit set, got {Noise(noise).name}")
-    if ins[In.M] is None and (_bit(terms, Col.W) or _bit(terms, Col.R)):
-        raise ValueError(f"{op}: ins[M] is missing: flags[TERMS] has the W or R bit set")
-    if ins[In.MC] is not None and ins[In.M] is None:
-        raise ValueError(f"{op}: ins[MC] must be None: a guided step needs ins[M] too")
-    _presence(op, "ins[V]", ins[In.V], var != Var.FIXED, f"flags[VAR] is {Var(var).name}")
-    _presence(op, "ins[Z]", ins[In.Z], noise == Noise.EXTERNAL,
-              f"flags[NOISE] is {Noise(noise).name}")
-    _presence(op, "ins[H]", ins[In.H], _bit(terms, Col.H),
-              "flags[TERMS] has the H bit " + ("set" if _bit(terms, Col.H) else "clear"))
-    for i in (In.M, In.MC, In.V, In.Z, In.H):
-        if ins[i] is not None:
-            like(f"ins[{In(i).name}]", ins[i])
+    if clip == _CLIP_STATIC and not scalars[_S_CLIP] > 0.0:
+        raise ValueError(f"{op}: scalars[CLIP] must be > 0 for Clip.STATIC, got "
+                         f"{scalars[_S_CLIP]!r}")
+    return clip, var, noise, layout, terms
 
-    _per_sample(op, "t", t, torch.int64, x)
-    _presence(op, "seeds", seeds, noise == Noise.PHILOX, f"flags[NOISE] is {Noise(noise).name}")
-    if seeds is not None:
-        _per_sample(op, "seeds", seeds, torch.int64, x)
-    _presence(op, "thresh", thresh, clip == Clip.DYNAMIC, f"flags[CLIP] is {Clip(clip).name}")
-    if thresh is not None:
-        _per_sample(op, "thresh", thresh, torch.float32, x)
+
+class _Reference:
+    """The tensor every stream must look like (ins[X], or the noise op's output)."""
+
+    def __init__(self, op: str, name: str, a, layout: int):
+        _is_tensor(op, name, a)
+        if a.dtype not in _FLOATS:
+            raise TypeError(f"{op}: {name} must be float16, bfloat16 or float32, got {a.dtype}")
+        if a.dim() < 2:
+            raise ValueError(f"{op}: {name} must have shape [B, C, *spatial], got "
+                             f"{list(a.shape)}")
+        self.op, self.x, self.layout = op, a, layout
+        self.empty = a.numel() == 0
+        self.n = a.numel() // a.shape[0] if a.shape[0] else 0
+        self.dense(name, a)
+
+    def dense(self, name: str, a) -> None:
+        if not self.empty and not sample_dense(a, self.layout):
+            raise ValueError(f"{self.op}: {name} must be sample-dense in layout "
+                             f"{Layout(self.layout).name} (flags[LAYOUT]); got sizes "
+                             f"{list(a.shape)} strides {list(a.stride())}")
+
+    def like(self, name: str, a, output: bool = False) -> None:
+        op, x = self.op, self.x
+        _is_tensor(op, name, a)
+        if a.dtype != x.dtype:
+            raise TypeError(f"{op}: {name} must have dtype {x.dtype} (that of ins[X]), got "
+                            f"{a.dtype}")
+        if a.shape != x.shape:
+            raise ValueError(f"{op}: {name} must have shape {list(x.shape)} (that of ins[X]), "
+                             f"got {list(a.shape)}")
+        if a.device != x.device:
+            raise ValueError(f"{op}: {name} must be on {x.device} (with ins[X]), got {a.device}")
+        self.dense(name, a)
+        if output and not self.empty and a.shape[0] > 1 and a.stride(0) < self.n:
+            raise ValueError(f"{op}: {name} is written, but its samples overlap in memory "
+                             f"(batch stride {a.stride(0)} < {self.n} elements per sample)")
+
+    def per_sample(self, name: str, a, dtype: torch.dtype) -> None:
+        op, x = self.op, self.x
+        _is_tensor(op, name, a)
+        if a.dtype != dtype:
+            raise TypeError(f"{op}: {name} must be {dtype}, got {a.dtype}")
+        if a.dim() != 1 or a.shape[0] != x.shape[0]:
+            raise ValueError(f"{op}: {name} must have shape [B] = [{x.shape[0]}], got "
+                             f"{list(a.shape)}")
+        if a.device != x.device:
+            raise ValueError(f"{op}: {name} must be on {x.device} (with the tensors it goes "
+                             f"with), got {a.device}")
+
+
+_IN_WHAT = f"contract.In: {_IN_NAMES}"
+_IN_LABELS = [f"ins[{i.name}]" for i in In]
+_GRAD_LABELS = [f"grads[{i.name}]" for i in In]
+_OUT_LABELS = [f"outs[{o.name}]" for o in Out]
+_OTHER_INS = [int(i) for i in In if i != In.X]
+_REQUIRED_WHY = {In.M: "the W or R bit of flags[TERMS] is set", In.V: "flags[VAR] is not FIXED",
+                 In.Z: "flags[NOISE] is EXTERNAL", In.H: "the H bit of flags[TERMS] is set"}
+_NONE_WHY = {In.V: "flags[VAR] is FIXED", In.Z: "flags[NOISE] is not EXTERNAL",
+             In.H: "the H bit of flags[TERMS] is clear"}
+
+
+def _common(op: str, ins, t, seeds, table, thresh, gscale, flags, scalars) -> _Reference:
+    """Checks shared by the forward and backward launches; returns the reference checker."""
+    clip, var, noise, layout, terms = _decode_flags(op, flags, scalars)
+    _count(op, "ins", ins, NUM_IN, _IN_WHAT)
+    if ins[_X] is None:
+        raise ValueError(f"{op}: ins[X] is required")
+    ref = _Reference(op, "ins[X]", ins[_X], layout)
+    need = (True, bool(terms & _W_OR_R), ins[_MC] is not None, var != _VAR_FIXED,
+            noise == _NOISE_EXTERNAL, bool(terms & _H_BIT))
+    for i in _OTHER_INS:
+        a = ins[i]
+        if need[i] and a is None:
+            raise ValueError(f"{op}: ins[{In(i).name}] is required by this launch "
+                             f"({_REQUIRED_WHY[i]})")
+        if a is not None:
+            if not need[i] and i != _M:
+                raise ValueError(f"{op}: ins[{In(i).name}] must be None for this launch "
+                                 f"({_NONE_WHY[i]})")
+            ref.like(_IN_LABELS[i], a)
+    ref.per_sample("t", t, torch.int64)
+    if noise == _NOISE_PHILOX:
+        if seeds is None:
+            raise ValueError(f"{op}: seeds is required when flags[NOISE] is PHILOX")
+        ref.per_sample("seeds", seeds, torch.int64)
+    elif seeds is not None:
+        raise ValueError(f"{op}: seeds must be None unless flags[NOISE] is PHILOX")
+    if clip == _CLIP_DYNAMIC:
+        if thresh is None:
+            raise ValueError(f"{op}: thresh is required when flags[CLIP] is DYNAMIC")
+        ref.per_sample("thresh", thresh, torch.float32)
+    elif thresh is not None:
+        raise ValueError(f"{op}: thresh must be None unless flags[CLIP] is DYNAMIC")
     if gscale is not None:
-        if ins[In.MC] is None:
-            raise ValueError(f"{op}: gscale must be None: the step is not guided (ins[MC] is "
-                             f"None)")
-        _per_sample(op, "gscale", gscale, torch.float32, x)
-
-    _tensor(op, "table", table)
+        if ins[_MC] is None:
+            raise ValueError(f"{op}: gscale is given but ins[MC] is None (not a guided step)")
+        ref.per_sample("gscale", gscale, torch.float32)
+    _is_tensor(op, "table", table)
+    x = ins[_X]
     if table.dtype != torch.float32:
-        raise TypeError(f"{op}: table must be torch.float32 on this backend, got {table.dtype}")
-    if table.dim() != 2 or table.shape[1] != len(Col) or table.shape[0] < 1:
-        raise ValueError(f"{op}: table must have shape [R, {len(Col)}] with R >= 1, got "
+        raise TypeError(f"{op}: table must be {torch.float32} for {x.dtype} inputs, got "
+                        f"{table.dtype}")
+    if table.dim() != 2 or table.shape[1] != NUM_COLS or table.shape[0] < 1:
+        raise ValueError(f"{op}: table must have shape [R, {NUM_COLS}] with R >= 1, got "
                          f"{list(table.shape)}")
     if not table.is_contiguous():
         raise ValueError(f"{op}: table must be contiguous")
     if table.device != x.device:
-        raise ValueError(f"{op}: table must be on the device of ins[X] ({x.device}), got "
-                         f"{table.device}")
-    return like
+        raise ValueError(f"{op}: table must be on {x.device}, got {table.device}")
+    return ref
 
 
-def check_forward(ins, t, seeds, table, thresh, gscale, outs, flags, scalars) -> None:
+def check_forward(ins: Sequence, t, seeds, table, thresh, gscale, outs: Sequence, flags,
+                  scalars) -> None:
     """The promises of ``step_forward_kernel`` (docs/kernels.md, "Launch arguments")."""
     op = "step_forward_kernel"
-    like = check_step(op, ins, t, seeds, table, thresh, gscale, flags, scalars)
-    _list(op, "outs", outs, NUM_OUT)
-    if outs[Out.Y] is None:
-        raise ValueError(f"{op}: outs[Y] is missing: it is always given")
-    for i in Out:
-        if outs[i] is not None:
-            like(f"outs[{i.name}]", outs[i], output=True)
+    ref = _common(op, ins, t, seeds, table, thresh, gscale, flags, scalars)
+    _count(op, "outs", outs, NUM_OUT, f"contract.Out: {_OUT_NAMES}")
+    if outs[_Y] is None:
+        raise ValueError(f"{op}: outs[Y] is required")
+    for i, a in enumerate(outs):
+        if a is not None:
+            ref.like(_OUT_LABELS[i], a, output=True)
 
 
-def check_backward(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads, flags,
-                   scalars) -> None:
+def check_backward(ins: Sequence, grad_y, grad_x0, t, seeds, table, thresh, gscale,
+                   grads: Sequence, flags, scalars) -> None:
     """The promises of ``step_backward_kernel`` (docs/kernels.md, "Launch arguments")."""
     op = "step_backward_kernel"
-    like = check_step(op, ins, t, seeds, table, thresh, gscale, flags, scalars)
-    if grad_y is None:
-        raise ValueError(f"{op}: grad_y is missing: it is always given")
-    like("grad_y", grad_y)
+    ref = _common(op, ins, t, seeds, table, thresh, gscale, flags, scalars)
+    ref.like("grad_y", grad_y)
     if grad_x0 is not None:
-        like("grad_x0", grad_x0)
-    _list(op, "grads", grads, NUM_IN)
-    for i in In:
-        if grads[i] is None:
+        ref.like("grad_x0", grad_x0)
+    _count(op, "grads", grads, NUM_IN, _IN_WHAT)
+    for i, g in enumerate(grads):
+        if g is None:
             continue
         if ins[i] is None:
-            raise ValueError(f"{op}: grads[{i.name}] must be None: ins[{i.name}] is None")
-        like(f"grads[{i.name}]", grads[i], output=True)
+            raise ValueError(f"{op}: grads[{In(i).name}] is given but ins[{In(i).name}] is None")
+        ref.like(_GRAD_LABELS[i], g, output=True)
 
 
-def _seeds_t(op: str, seeds, t, batch: Optional[int]) -> None:
-    for name, a in (("seeds", seeds), ("t", t)):
-        _tensor(op, name, a)
-        if a.dtype != torch.int64:
-            raise TypeError(f"{op}: {name} must be torch.int64, got {a.dtype}")
+def _philox_args(op: str, seeds, t, stream) -> None:
+    _is_tensor(op, "seeds", seeds)
+    _is_tensor(op, "t", t)
+    if seeds.dtype != torch.int64:
+        raise TypeError(f"{op}: seeds must be int64, got {seeds.dtype}")
+    if t.dtype != torch.int64:
+        raise TypeError(f"{op}: t must be int64, got {t.dtype}")
     if seeds.dim() != 1 or t.dim() != 1 or seeds.shape[0] != t.shape[0]:
         raise ValueError(f"{op}: seeds and t must have shape [B], got {list(seeds.shape)} and "
                          f"{list(t.shape)}")
-    if batch is not None and seeds.shape[0] != batch:
-        raise ValueError(f"{op}: seeds and t must have shape [B] = [{batch}], got "
-                         f"{list(seeds.shape)}")
     if seeds.device != t.device:
         raise ValueError(f"{op}: seeds and t must be on one device, got {seeds.device} and "
                          f"{t.device}")
-
-
-def _stream(op: str, stream) -> None:
-    if stream not in NoiseStream._value2member_map_:
-        raise ValueError(f"{op}: stream must be one of {_enum_text(NoiseStream)}, got "
-                         f"{stream!r}")
+    _stream(op, "stream", stream)
 
 
 def check_philox_uint32(seeds, t, numel, stream) -> None:
     """The promises of ``philox_uint32``."""
     op = "philox_uint32"
-    _seeds_t(op, seeds, t, None)
+    _philox_args(op, seeds, t, stream)
     if not isinstance(numel, int) or isinstance(numel, bool):
         raise TypeError(f"{op}: numel must be an int, got {type(numel).__name__}")
     if numel < 0:
         raise ValueError(f"{op}: numel must be >= 0, got {numel}")
-    _stream(op, stream)
 
 
 def check_philox_normal(seeds, t, stream, layout, out) -> None:
     """The promises of ``philox_normal_kernel``."""
     op = "philox_normal_kernel"
-    _tensor(op, "out", out)
-    if out.dtype not in _FLOATS:
-        raise TypeError(f"{op}: out must be float16, bfloat16 or float32 on this backend, got "
-                        f"{out.dtype}")
-    if out.dim() < 2:
-        raise ValueError(f"{op}: out must have shape [B, C, *spatial], got {list(out.shape)}")
-    _seeds_t(op, seeds, t, out.shape[0])
-    if seeds.device != out.device:
-        raise ValueError(f"{op}: seeds must be on the device of out ({out.device}), got "
-                         f"{seeds.device}")
-    _stream(op, stream)
+    _philox_args(op, seeds, t, stream)
     if layout not in Layout._value2member_map_:
-        raise ValueError(f"{op}: layout must be one of {_enum_text(Layout)}, got {layout!r}")
-    if layout == Layout.CHANNELS_LAST and out.dim() < 3:
-        raise ValueError(f"{op}: layout is CHANNELS_LAST but out has no spatial dimension "
-                         f"(shape {list(out.shape)})")
-    if out.numel() and not sample_dense(out, layout):
-        raise ValueError(f"{op}: out must be sample-dense in the layout {Layout(layout).name}, "
-                         f"got strides {list(out.stride())} for shape {list(out.shape)}")
-    if out.numel() and out.shape[0] > 1 and out.stride(0) < out[0].numel():
-        raise ValueError(f"{op}: out's samples overlap in memory (batch stride "
-                         f"{out.stride(0)} < {out[0].numel()} elements per sample)")
+        raise ValueError(f"{op}: layout must be a Layout value ({_values(Layout)}), got "
+                         f"{layout!r}")
+    ref = _Reference(op, "out", out, layout)
+    ref.like("out", out, output=True)
+    ref.per_sample("t", t, torch.int64)
+    ref.per_sample("seeds", seeds, torch.int64)

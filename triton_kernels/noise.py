@@ -60,7 +60,7 @@ def uint32_launch(seeds, t, stream, out) -> Optional[Launch]:
     ``out`` is empty."""
     if out.numel() == 0:
         return None
-    grid = (out.shape[0] * triton.cdiv(out.shape[1], PHILOX_BLOCK),)
+    grid = (out.shape[0] * -(-out.shape[1] // PHILOX_BLOCK),)
     return Launch(_philox_uint32_kernel, grid,
                   (out, seeds, t, seeds.stride(0), t.stride(0), out.shape[1], int(stream)),
                   dict(BLOCK=PHILOX_BLOCK))
@@ -86,5 +86,5 @@ def normal_launch(seeds, t, stream, layout, out) -> Optional[Launch]:
     return Launch(_philox_normal_kernel, p.grid,
                   (out, seeds, t, out.stride(0), seeds.stride(0), t.stride(0), p.N, p.C, p.S,
                    int(stream)),
-                  dict(FAST=FAST_SINCOS and out.is_cuda, **p.constexprs(),
+                  dict(FAST=FAST_SINCOS and out.is_cuda, **p.constexprs,
                        num_warps=p.num_warps))

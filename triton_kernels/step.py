@@ -306,55 +306,59 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
 
 
 # ----------------------------------------------------------------------------- launchers
-def _ptr(a: Optional[torch.Tensor], dummy: torch.Tensor):
-    """(tensor, batch stride) of a stream, or a never-read stand-in and 0 when absent."""
-    return (dummy, 0) if a is None else (a, a.stride(0))
+_X, _MC, _X0 = int(In.X), int(In.MC), int(Out.X0)
+_F_CLIP, _F_VAR, _F_NOISE, _F_LAYOUT, _F_TERMS, _F_STREAM = (
+    int(Flag.CLIP), int(Flag.VAR), int(Flag.NOISE), int(Flag.LAYOUT), int(Flag.TERMS),
+    int(Flag.NOISE_STREAM))
+_S_CLIP, _S_GUIDANCE = int(Scalar.CLIP), int(Scalar.GUIDANCE)
+_PHILOX = int(Noise.PHILOX)
 
 
 def _launch(kernel, ins, stream_outs, t, seeds, table, thresh, gscale, flags, scalars,
             **const) -> Launch:
     """The launch of ``kernel``: its arguments are, in order, the pointers of ``ins`` and
-    ``stream_outs`` (tensors like X, or None), of t, seeds, table, thresh and gscale, the
-    batch strides of the same, then N, C, S, R, clip, guidance and the stream word."""
-    x = ins[In.X]
-    noise = flags[Flag.NOISE]
-    tensors = list(ins) + list(stream_outs)
-    p = plan(x.shape, flags[Flag.LAYOUT], noise == Noise.PHILOX,
+    ``stream_outs`` (tensors like X, or None: then X stands in, never read), of t, seeds,
+    table, thresh and gscale (t or the table stands in), the batch strides of the same (0
+    where absent), then N, C, S, R, clip, guidance and the stream word."""
+    x = ins[_X]
+    noise = flags[_F_NOISE]
+    tensors = [*ins, *stream_outs]
+    p = plan(x.shape, flags[_F_LAYOUT], noise == _PHILOX,
              sum(a is not None for a in tensors))
-    streams = [_ptr(a, x) for a in tensors]
-    per_sample = [(t, t.stride(0)), _ptr(seeds, t), _ptr(thresh, table), _ptr(gscale, table)]
-    args = ([a for a, _ in streams] + [t, per_sample[1][0], table, per_sample[2][0],
-                                       per_sample[3][0]]
-            + [s for _, s in streams] + [s for _, s in per_sample]
-            + [p.N, p.C, p.S, table.shape[0], float(scalars[Scalar.CLIP]),
-               float(scalars[Scalar.GUIDANCE]), int(flags[Flag.NOISE_STREAM])])
-    const.update(CLIP=int(flags[Flag.CLIP]), VAR=int(flags[Flag.VAR]), NOISE=int(noise),
-                 TERMS=int(flags[Flag.TERMS]), GUIDED=ins[In.MC] is not None,
-                 GSCALE=gscale is not None, FAST=FAST_SINCOS and x.is_cuda, **p.constexprs(),
+    samples = (t, t if seeds is None else seeds, table, table if thresh is None else thresh,
+               table if gscale is None else gscale)
+    args = ([x if a is None else a for a in tensors] + list(samples)
+            + [0 if a is None else a.stride(0) for a in tensors]
+            + [0 if a is None else a.stride(0) for a in (t, seeds, thresh, gscale)]
+            + [p.N, p.C, p.S, table.shape[0], float(scalars[_S_CLIP]),
+               float(scalars[_S_GUIDANCE]), int(flags[_F_STREAM])])
+    const.update(p.constexprs)
+    const.update(CLIP=int(flags[_F_CLIP]), VAR=int(flags[_F_VAR]), NOISE=int(noise),
+                 TERMS=int(flags[_F_TERMS]), GUIDED=ins[_MC] is not None,
+                 GSCALE=gscale is not None, FAST=FAST_SINCOS and x.is_cuda,
                  num_warps=p.num_warps)
-    return Launch(kernel, p.grid, tuple(args), const)
+    return Launch(kernel, p.grid, args, const)
 
 
 def forward_launch(ins, t, seeds, table, thresh, gscale, outs, flags, scalars
                    ) -> Optional[Launch]:
     """The kernel launch of :func:`step_forward` (arguments checked), or None when there is
     nothing to compute."""
-    if ins[In.X].numel() == 0:
+    if ins[_X].numel() == 0:
         return None
-    return _launch(_step_fwd_kernel, ins, [outs[i] for i in Out], t, seeds, table, thresh,
-                   gscale, flags, scalars, WRITE_X0=outs[Out.X0] is not None)
+    return _launch(_step_fwd_kernel, ins, outs, t, seeds, table, thresh, gscale, flags,
+                   scalars, WRITE_X0=outs[_X0] is not None)
 
 
 def backward_launch(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads, flags,
                     scalars) -> Optional[Launch]:
     """The kernel launch of :func:`step_backward` (arguments checked), or None when there is
     nothing to compute."""
-    want = sum(1 << int(i) for i in In if grads[i] is not None)
-    if ins[In.X].numel() == 0 or not want:
+    want = sum(1 << i for i, g in enumerate(grads) if g is not None)
+    if ins[_X].numel() == 0 or not want:
         return None
-    return _launch(_step_bwd_kernel, ins, [grad_y, grad_x0] + [grads[i] for i in In], t, seeds,
-                   table, thresh, gscale, flags, scalars, HAS_G0=grad_x0 is not None,
-                   WANT=want)
+    return _launch(_step_bwd_kernel, ins, [grad_y, grad_x0, *grads], t, seeds, table, thresh,
+                   gscale, flags, scalars, HAS_G0=grad_x0 is not None, WANT=want)
 
 
 def step_forward(ins: Sequence[Optional[torch.Tensor]], t: torch.Tensor,

@@ -23,8 +23,7 @@ from __future__ import annotations
 import enum
 import math
 import os
-from dataclasses import dataclass
-from typing import Any, Dict, Sequence, Tuple
+from typing import Any, Dict, NamedTuple, Sequence, Tuple
 
 import torch
 import triton
@@ -146,56 +145,47 @@ def program_noise(b, start, offs, seed_ptr, s_seed, tword, sword, C, S,
     return z
 
 
-@dataclass(frozen=True)
-class Launch:
+class Launch(NamedTuple):
     """One kernel launch, ready to run: ``kernel[grid](*args, **kwargs)``."""
 
     kernel: Any
     grid: Tuple[int, ...]
-    args: Tuple[Any, ...]
+    args: Sequence[Any]
     kwargs: Dict[str, Any]
 
     def __call__(self) -> None:
         self.kernel[self.grid](*self.args, **self.kwargs)
 
 
-@dataclass(frozen=True)
-class Plan:
+class Plan(NamedTuple):
     """How one launch walks its samples (host side of :func:`program_elements`)."""
 
-    B: int
     N: int
     C: int
     S: int
-    walk: Walk
-    cl_c: int      # C as a constexpr (CL_TILE), else 0
-    cb: int        # channel lanes of a tile (CL_TILE), else 1
-    idx64: bool
-    block: int
+    grid: Tuple[int]
     num_warps: int
+    constexprs: Dict[str, Any]   # WALK, CL_C, CB, IDX64, EVEN, BLOCK (do not modify)
 
-    @property
-    def grid(self):
-        if self.walk == Walk.CL_TILE:
-            per = self.block // (4 * self.cb) * 4
-            return (self.B * triton.cdiv(self.S, per),)
-        return (self.B * triton.cdiv(self.N, self.block),)
 
-    @property
-    def even(self) -> bool:
-        """Whether every program's elements are all in bounds (no masks)."""
-        if self.walk == Walk.CL_TILE:
-            return self.cl_c == self.cb and self.S % (self.block // self.cb) == 0
-        return self.N % self.block == 0
-
-    def constexprs(self):
-        return dict(WALK=int(self.walk), CL_C=self.cl_c, CB=self.cb, IDX64=self.idx64,
-                    EVEN=self.even, BLOCK=self.block)
+_PLANS: Dict[tuple, Plan] = {}
 
 
 def plan(shape: Sequence[int], layout: int, philox: bool, streams: int = 3) -> Plan:
     """The walk for tensors of ``shape`` ([B, C, *spatial], no size 0) stored in ``layout``,
-    with (``philox``) or without in-kernel noise, touching ``streams`` tensors of that shape."""
+    with (``philox``) or without in-kernel noise, touching ``streams`` tensors of that shape.
+    Remembered per argument set (it runs on every launch)."""
+    key = (tuple(shape), layout, philox, streams > GATHER_MAX_STREAMS, INTERPRET_BLOCK,
+           IDX32_LIMIT, CL_TILE_MAX_C)
+    p = _PLANS.get(key)
+    if p is None:
+        if len(_PLANS) >= 4096:
+            _PLANS.clear()
+        p = _PLANS[key] = _plan(tuple(shape), layout, philox, streams > GATHER_MAX_STREAMS)
+    return p
+
+
+def _plan(shape, layout, philox, heavy) -> Plan:
     B, C = shape[0], shape[1]
     S = math.prod(shape[2:])
     N = C * S
@@ -203,16 +193,26 @@ def plan(shape: Sequence[int], layout: int, philox: bool, streams: int = 3) -> P
     walk = Walk.FLAT
     if philox and layout == Layout.CHANNELS_LAST and C > 1 and S > 1:
         walk = Walk.CL_TILE if (S % 4 == 0 and C <= CL_TILE_MAX_C) else Walk.CL_ELEM
+    cb, cl_c, warps = 1, 0, GPU_WARPS
     if walk == Walk.CL_TILE:
-        cb = triton.next_power_of_2(C)
+        cb, cl_c = triton.next_power_of_2(C), C
         # C < CB (the in-row gather) holds more registers: with many streams, half the
         # elements per thread
-        small = cb != C and streams > GATHER_MAX_STREAMS
-        block = INTERPRET_BLOCK if INTERPRET else GPU_BLOCK_ELEM if small else GPU_BLOCK
-        return Plan(B, N, C, S, walk, C, cb, idx64, max(block, 4 * cb), GPU_WARPS)
-    if INTERPRET:
-        return Plan(B, N, C, S, walk, 0, 1, idx64, max(INTERPRET_BLOCK, 8), GPU_WARPS)
-    if walk == Walk.CL_ELEM or N % 16:
-        # (sizes that allow no vector accesses need a 64-bit address per element: fewer)
-        return Plan(B, N, C, S, walk, 0, 1, idx64, GPU_BLOCK_ELEM, GPU_WARPS_ELEM)
-    return Plan(B, N, C, S, walk, 0, 1, idx64, GPU_BLOCK, GPU_WARPS)
+        block = (INTERPRET_BLOCK if INTERPRET else GPU_BLOCK_ELEM if (cb != C and heavy)
+                 else GPU_BLOCK)
+        block = max(block, 4 * cb)
+        positions = block // cb                    # 4 per row of a tile
+        grid = (B * -(-S // positions),)
+        even = cb == C and S % positions == 0
+    else:
+        if INTERPRET:
+            block = max(INTERPRET_BLOCK, 8)
+        elif walk == Walk.CL_ELEM or N % 16:
+            # (sizes that allow no vector accesses need a 64-bit address per element: fewer)
+            block, warps = GPU_BLOCK_ELEM, GPU_WARPS_ELEM
+        else:
+            block = GPU_BLOCK
+        grid = (B * -(-N // block),)
+        even = N % block == 0
+    return Plan(N, C, S, grid, warps, dict(WALK=int(walk), CL_C=cl_c, CB=cb, IDX64=idx64,
+                                           EVEN=even, BLOCK=block))
