@@ -25,7 +25,8 @@ Variants: the step kernels' flags are many (clip × variance × noise and walk �
 sm_90 compiles a *pairwise* covering set — every pair of values of any two factors occurs in
 some variant (pairs that the contract rules out excepted) — and sm_80 a set in which every
 value of every factor occurs; plus, on sm_90, int64 indexing (a sample of ≥ 2³¹ elements),
-C = 1 (which Triton's JIT turns into a constexpr), the accurate sin/cos, and the noise kernels
+C = 1 (which Triton's JIT turns into a constexpr), more samples than a 2-D grid takes, the
+accurate sin/cos, and the noise kernels
 (~100 compiles, ~1.5–3 minutes on 2 busy cores).
 
 Usage: python .ci/triton_compile_check.py [-j JOBS] [--arch 80 --arch 90] [-v]
@@ -142,6 +143,7 @@ class Variant:
     want: str = "all"
     idx64: bool = False
     c1: bool = False             # C = 1
+    many: bool = False           # more samples than a 2-D grid takes (a flat grid)
     tag: str = ""
 
     def describe(self) -> str:
@@ -157,7 +159,7 @@ class Variant:
                 body += f"want={self.want},"
         extra = "".join(s for s, on in ((",even", self.even), (",unaligned", not self.aligned),
                                          (",accurate", not self.fast), (",idx64", self.idx64),
-                                         (",C=1", self.c1)) if on)
+                                         (",C=1", self.c1), (",B=70000", self.many)) if on)
         return f"{self.kernel}[{self.dtype},{body.rstrip(',')}{extra}]"
 
 
@@ -244,6 +246,10 @@ def variants(arch: int) -> List[Variant]:
                 idx64=True, tag="idx64"),
         Variant("_step_fwd_kernel", "fp32", clip=1, walk="flat", terms="clip", c1=True,
                 tag="C=1"),
+        Variant("_step_fwd_kernel", "fp16", walk="cl3", even=False, many=True,
+                tag="B=70000"),
+        Variant("_step_bwd_kernel", "fp32", clip=2, walk="ext", terms="clip", many=True,
+                tag="B=70000"),
         Variant("_step_bwd_kernel", "fp16", clip=2, var=2, walk="ext", terms="all", c1=True,
                 aligned=False, even=False, tag="C=1"),
         Variant("_step_fwd_kernel", "fp16", clip=1, var=2, walk="cl4", terms="clip", guide=1,
@@ -267,6 +273,8 @@ def variants(arch: int) -> List[Variant]:
 # A variant as a launch on meta tensors
 # ----------------------------------------------------------------------------------------------
 def _shape(v: Variant) -> Tuple[int, ...]:
+    if v.many:
+        return (70000,) + _shape(dataclasses.replace(v, many=False))[1:]
     if v.idx64:      # > 2**31 elements per sample
         return {"clelem": (2, 5, 32769, 16387), "cl3": (2, 3, 2 ** 15, 2 ** 15)}.get(
             v.walk, (2, 4, 2 ** 15, 2 ** 14))
@@ -419,6 +427,7 @@ def init_worker():
     _MODS = load_modules()
     knobs.nvidia.dump_ptxas_log = True        # ptxas -v output is printed; captured
     knobs.compilation.always_compile = True   # never a cache hit (which would skip ptxas)
+    knobs.compilation.disable_line_info = True  # a third faster; the code is the same
 
 
 def compile_one(job):

@@ -51,6 +51,8 @@ for _dt in tcc.DTYPES:
         (f"bwd external {_dt}", "backward", V("_step_bwd_kernel", _dt, walk="ext"), 1, 3),
         (f"fwd philox channels_last C=4 {_dt}", "cl_noise",
          V("_step_fwd_kernel", _dt, walk="cl4"), 2, 1),
+        (f"fwd philox channels_last C=3 {_dt}", "cl_noise",
+         V("_step_fwd_kernel", _dt, walk="cl3", even=False), 2, 1),
     ]
 HOT += [
     ("fwd philox, clipped, x0 fp32", None,
@@ -60,8 +62,6 @@ HOT += [
     ("fwd philox, guided fp16", None, V("_step_fwd_kernel", "fp16", walk="flat", guide=1), 3, 1),
     ("fwd philox, odd size fp32", None,
      V("_step_fwd_kernel", "fp32", walk="flat", even=False), 2, 1),
-    ("fwd philox channels_last C=3 fp32", None,
-     V("_step_fwd_kernel", "fp32", walk="cl3", even=False), 2, 1),
     ("fwd philox channels_last per element fp32", None,
      V("_step_fwd_kernel", "fp32", walk="clelem", even=False), 2, 1),
     ("bwd philox, learned range fp32", None,
@@ -94,8 +94,8 @@ def elements_per_thread(kwargs: Dict) -> float:
     """Elements (not padding lanes) one thread of the launch handles."""
     from fused_ddpm.triton_kernels.tiles import Walk
     block, threads = kwargs["BLOCK"], 32 * kwargs["num_warps"]
-    if kwargs.get("WALK") == Walk.CL_TILE:
-        block = block // kwargs["CB"] * kwargs["CL_C"]
+    if kwargs.get("WALK") == Walk.CL_TILE:    # 4·K·C elements in 4·NP lanes per row
+        block = block * kwargs["CL_K"] * kwargs["CL_C"] // kwargs["CL_NP"]
     return block / threads
 
 

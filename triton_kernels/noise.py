@@ -32,14 +32,15 @@ def _philox_uint32_kernel(out_ptr, seed_ptr, t_ptr, s_seed, s_t, numel, sword,
 
 @triton.jit(do_not_specialize=["sword"])
 def _philox_normal_kernel(out_ptr, seed_ptr, t_ptr, s_out, s_seed, s_t, N, C, S, sword,
-                          WALK: tl.constexpr, CL_C: tl.constexpr, CB: tl.constexpr,
-                          IDX64: tl.constexpr, EVEN: tl.constexpr, FAST: tl.constexpr,
-                          BLOCK: tl.constexpr):
+                          WALK: tl.constexpr, CL_C: tl.constexpr, CL_K: tl.constexpr,
+                          CL_NP: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr,
+                          GRID2D: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
     GV: tl.constexpr = 32 // out_ptr.dtype.element_ty.primitive_bitwidth
-    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, EVEN, BLOCK)
+    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CL_K, CL_NP, IDX64, EVEN,
+                                            GRID2D, BLOCK)
     tword = tl.load(t_ptr + b * s_t).to(tl.uint32)
     z = program_noise(b, start, offs, seed_ptr, s_seed, tword, sword.to(tl.uint32), C, S,
-                      WALK, CL_C, CB, IDX64, FAST, BLOCK, GV)
+                      WALK, CL_C, CL_K, CL_NP, IDX64, FAST, BLOCK, GV)
     tl.store(out_ptr + b.to(tl.int64) * s_out + offs, z.to(out_ptr.dtype.element_ty), mask=mask)
 
 
@@ -82,7 +83,7 @@ def normal_launch(seeds, t, stream, layout, out) -> Optional[Launch]:
     is empty."""
     if out.numel() == 0:
         return None
-    p = plan(out.shape, layout, True)
+    p = plan(out.shape, layout, True, out.element_size())
     return Launch(_philox_normal_kernel, p.grid,
                   (out, seeds, t, out.stride(0), seeds.stride(0), t.stride(0), p.N, p.C, p.S,
                    int(stream)),

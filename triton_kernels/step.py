@@ -108,8 +108,9 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
                      CLIP: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr,
                      TERMS: tl.constexpr, GUIDED: tl.constexpr, GSCALE: tl.constexpr,
                      WRITE_X0: tl.constexpr, WALK: tl.constexpr, CL_C: tl.constexpr,
-                     CB: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr,
-                     FAST: tl.constexpr, BLOCK: tl.constexpr):
+                     CL_K: tl.constexpr, CL_NP: tl.constexpr, IDX64: tl.constexpr,
+                     EVEN: tl.constexpr, GRID2D: tl.constexpr, FAST: tl.constexpr,
+                     BLOCK: tl.constexpr):
     HU: tl.constexpr = _bit(TERMS, COL_U)
     HW: tl.constexpr = _bit(TERMS, COL_W)
     HE: tl.constexpr = _bit(TERMS, COL_E)
@@ -121,7 +122,8 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
     NEED_XH: tl.constexpr = HP or WRITE_X0
     GV: tl.constexpr = 32 // y_ptr.dtype.element_ty.primitive_bitwidth
 
-    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, EVEN, BLOCK)
+    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CL_K, CL_NP, IDX64, EVEN,
+                                            GRID2D, BLOCK)
     cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
 
     if HU or HQ:
@@ -134,7 +136,8 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
     if HS or HE:
         if NOISE == NOISE_PHILOX:
             z = program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
-                              sword.to(tl.uint32), C, S, WALK, CL_C, CB, IDX64, FAST, BLOCK, GV)
+                              sword.to(tl.uint32), C, S, WALK, CL_C, CL_K, CL_NP,
+                              IDX64, FAST, BLOCK, GV)
         else:
             z = _load(z_ptr, sz, b, offs, mask)
 
@@ -186,8 +189,9 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
                      CLIP: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr,
                      TERMS: tl.constexpr, GUIDED: tl.constexpr, GSCALE: tl.constexpr,
                      HAS_G0: tl.constexpr, WANT: tl.constexpr, WALK: tl.constexpr,
-                     CL_C: tl.constexpr, CB: tl.constexpr, IDX64: tl.constexpr,
-                     EVEN: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
+                     CL_C: tl.constexpr, CL_K: tl.constexpr, CL_NP: tl.constexpr,
+                     IDX64: tl.constexpr, EVEN: tl.constexpr, GRID2D: tl.constexpr,
+                     FAST: tl.constexpr, BLOCK: tl.constexpr):
     HU: tl.constexpr = _bit(TERMS, COL_U)
     HW: tl.constexpr = _bit(TERMS, COL_W)
     HE: tl.constexpr = _bit(TERMS, COL_E)
@@ -208,7 +212,8 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
     NEED_Z: tl.constexpr = (WV and HS) or (NEED_XR and HE)
     GV: tl.constexpr = 32 // gy_ptr.dtype.element_ty.primitive_bitwidth
 
-    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CB, IDX64, EVEN, BLOCK)
+    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CL_K, CL_NP, IDX64, EVEN,
+                                            GRID2D, BLOCK)
     cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
     gy = _load(gy_ptr, sgy, b, offs, mask)
     if GUIDED:
@@ -216,7 +221,8 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
     if NEED_Z:
         if NOISE == NOISE_PHILOX:
             z = program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
-                              sword.to(tl.uint32), C, S, WALK, CL_C, CB, IDX64, FAST, BLOCK, GV)
+                              sword.to(tl.uint32), C, S, WALK, CL_C, CL_K, CL_NP,
+                              IDX64, FAST, BLOCK, GV)
         else:
             z = _load(z_ptr, sz, b, offs, mask)
 
@@ -323,7 +329,7 @@ def _launch(kernel, ins, stream_outs, t, seeds, table, thresh, gscale, flags, sc
     x = ins[_X]
     noise = flags[_F_NOISE]
     tensors = [*ins, *stream_outs]
-    p = plan(x.shape, flags[_F_LAYOUT], noise == _PHILOX,
+    p = plan(x.shape, flags[_F_LAYOUT], noise == _PHILOX, x.element_size(),
              sum(a is not None for a in tensors))
     samples = (t, t if seeds is None else seeds, table, table if thresh is None else thresh,
                table if gscale is None else gscale)
