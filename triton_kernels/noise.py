@@ -49,6 +49,11 @@ def philox_uint32(seeds: torch.Tensor, t: torch.Tensor, numel: int, stream: int)
     sample b takes word i mod 4 of Philox4x32-10((i//4 lo, i//4 hi, t[b], stream), seeds[b]).
     ``seeds``, ``t``: int64 ``[B]`` (stride 0 allowed)."""
     check_philox_uint32(seeds, t, numel, stream)
+    return philox_uint32_unchecked(seeds, t, numel, stream)
+
+
+def philox_uint32_unchecked(seeds, t, numel, stream) -> torch.Tensor:
+    """:func:`philox_uint32` without the argument checks, for arguments checked before."""
     out = torch.empty((seeds.shape[0], numel), dtype=torch.int64, device=seeds.device)
     launch = uint32_launch(seeds, t, stream, out)
     if launch is not None:
@@ -73,6 +78,11 @@ def philox_normal(seeds: torch.Tensor, t: torch.Tensor, stream: int, layout: int
     fp16/bf16/fp32, sample-dense in ``layout``) for ``seeds``, ``t`` (int64 ``[B]``) and the
     noise ``stream``: the values the step kernels use as z."""
     check_philox_normal(seeds, t, stream, layout, out)
+    philox_normal_unchecked(seeds, t, stream, layout, out)
+
+
+def philox_normal_unchecked(seeds, t, stream, layout, out) -> None:
+    """:func:`philox_normal` without the argument checks, for arguments checked before."""
     launch = normal_launch(seeds, t, stream, layout, out)
     if launch is not None:
         launch()

@@ -380,6 +380,11 @@ def step_forward(ins: Sequence[Optional[torch.Tensor]], t: torch.Tensor,
     ``flags``: [NUM_FLAGS] ints; ``scalars``: [NUM_SCALARS] floats.
     """
     check_forward(ins, t, seeds, table, thresh, gscale, outs, flags, scalars)
+    step_forward_unchecked(ins, t, seeds, table, thresh, gscale, outs, flags, scalars)
+
+
+def step_forward_unchecked(ins, t, seeds, table, thresh, gscale, outs, flags, scalars) -> None:
+    """:func:`step_forward` without the argument checks, for arguments checked before."""
     launch = forward_launch(ins, t, seeds, table, thresh, gscale, outs, flags, scalars)
     if launch is not None:
         launch()
@@ -396,6 +401,13 @@ def step_backward(ins: Sequence[Optional[torch.Tensor]], grad_y: torch.Tensor,
     None where a gradient is not wanted; the other arguments as in :func:`step_forward`."""
     check_backward(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads, flags,
                    scalars)
+    step_backward_unchecked(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads,
+                            flags, scalars)
+
+
+def step_backward_unchecked(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads,
+                            flags, scalars) -> None:
+    """:func:`step_backward` without the argument checks, for arguments checked before."""
     launch = backward_launch(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads,
                              flags, scalars)
     if launch is not None:
