@@ -255,7 +255,9 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
         v = 0.0
         if VAR != VAR_FIXED:
             if HS:
-                v = _load(v_ptr, sv, b, offs, mask)
+                # (out-of-bounds lanes read 1: no 0/0 in lanes that are never stored)
+                v = tl.load(v_ptr + b.to(tl.int64) * sv + offs, mask=mask,
+                            other=1.0).to(tl.float32)
         if HS:
             sigma = _sigma(cb, v, VAR)
 
