@@ -12,8 +12,9 @@ differs between tensors. The walk only matters for in-kernel noise, whose counte
   consecutive spatial positions × all C channels (4·K·C consecutive storage elements in
   4·NP lanes, NP a power of two); the 4 positions 4q .. 4q + 3 of a row in one channel are 4
   consecutive logical indices, so one Philox call serves them. With C a power of two, K = 1
-  and NP = C, and the normals reach their storage lanes by a transpose; otherwise (C = 3:
-  K = 5, NP = 16, 60 of 64 lanes used) by an in-row gather.
+  and NP = C, and the normals reach their storage lanes by a transpose; otherwise by an
+  in-row gather (C = 3: K = 5, NP = 16 for fp32, K = 10, NP = 32 for 16-bit dtypes, so
+  15 of 16 lanes are used and rows start 16-byte aligned).
 * ``CL_ELEM``: other channels-last samples: i = (s % C)·S + s // C per element, one Philox
   call per element (the fallback).
 
