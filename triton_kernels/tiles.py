@@ -163,6 +163,8 @@ def program_noise(b, start, offs, seed_ptr, s_seed, tword, sword, C, S,
         # pair pi = c·K + q of a row: channel c, positions row + 4q .. + 3, whose logical
         # indices c·S + row + 4q .. + 3 make one counter (pairs ≥ K·C are padding)
         pi = tl.arange(0, CL_NP)[None, :]
+        if IDX64:
+            pi = pi.to(tl.int64)
         g = (pi // CL_K) * (S // 4) + (start // 4 + CL_K * tl.arange(0, GB)[:, None]
                                        + pi % CL_K)
         z = _quad(g, tword, sword, k0, k1, IDX64, FAST)             # [GB, NP, 4]
