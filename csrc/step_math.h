@@ -15,11 +15,12 @@
 #include "contract.h"
 #include "step_params.h"
 
+#include <cmath>
+#include <cstring>
+
 #if defined(__CUDACC__)
 #define FD_HD __host__ __device__ __forceinline__
 #else
-#include <cmath>
-#include <cstring>
 #define FD_HD inline
 #endif
 
@@ -105,15 +106,31 @@ struct U32x4 {
   uint32_t v[4];
 };
 
-// One round. The 32x32 -> 64 products are single wide multiplies (IMAD.WIDE.U32 on the GPU).
+// hi:lo = a * b, one 32x32 -> 64 multiply.
+FD_HD void mul_wide(uint32_t a, uint32_t b, uint32_t& hi, uint32_t& lo) {
+#if defined(__CUDA_ARCH__)
+  // mul.wide.u32 is one IMAD.WIDE.U32 writing a register pair; a 64-bit C++ product of
+  // zero-extended operands also adds a zero high word (an IADD3 per multiply).
+  asm("{\n\t.reg .u64 p;\n\tmul.wide.u32 p, %2, %3;\n\tmov.b64 {%1, %0}, p;\n\t}"
+      : "=r"(hi), "=r"(lo)
+      : "r"(a), "r"(b));
+#else
+  const uint64_t p = static_cast<uint64_t>(a) * b;
+  hi = static_cast<uint32_t>(p >> 32);
+  lo = static_cast<uint32_t>(p);
+#endif
+}
+
+// One round.
 FD_HD void philox_round(uint32_t& c0, uint32_t& c1, uint32_t& c2, uint32_t& c3, uint32_t k0,
                         uint32_t k1) {
-  const uint64_t p0 = static_cast<uint64_t>(PHILOX_M0) * c0;
-  const uint64_t p1 = static_cast<uint64_t>(PHILOX_M1) * c2;
-  const uint32_t n0 = static_cast<uint32_t>(p1 >> 32) ^ c1 ^ k0;
-  const uint32_t n2 = static_cast<uint32_t>(p0 >> 32) ^ c3 ^ k1;
-  c1 = static_cast<uint32_t>(p1);
-  c3 = static_cast<uint32_t>(p0);
+  uint32_t hi0, lo0, hi1, lo1;
+  mul_wide(PHILOX_M0, c0, hi0, lo0);
+  mul_wide(PHILOX_M1, c2, hi1, lo1);
+  const uint32_t n0 = hi1 ^ c1 ^ k0;
+  const uint32_t n2 = hi0 ^ c3 ^ k1;
+  c1 = lo1;
+  c3 = lo0;
   c0 = n0;
   c2 = n2;
 }
