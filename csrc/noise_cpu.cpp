@@ -8,11 +8,6 @@
 // bits for every normal.
 #include "noise_cpu.h"
 
-#if defined(__GNUC__)
-#pragma GCC diagnostic ignored "-Wpsabi"  // SIMD values passed to inlined generic math
-#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"  // false positives in GCC 12 avx512 headers
-#endif
-
 #include <algorithm>
 #include <cstdlib>
 #include <cstring>
@@ -84,7 +79,9 @@ FD_AVX512 FD_FLATTEN void normals_avx512(uint64_t seed, uint32_t t, uint32_t str
       for (int h = 0; h < 2; ++h) {
         const __m512i P0 = _mm512_mul_epu32(A[h], M0);
         const __m512i P1 = _mm512_mul_epu32(B[h], M1);
-        A[h] = _mm512_ror_epi64(_mm512_mask_ternarylogic_epi32(P1, 0xAAAA, A[h], K0[r], 0x96), 32);
+        // swap the words of each lane: a dword shuffle for A, a rotation for B (two ports)
+        A[h] = _mm512_shuffle_epi32(
+            _mm512_mask_ternarylogic_epi32(P1, 0xAAAA, A[h], K0[r], 0x96), _MM_PERM_CDAB);
         B[h] = _mm512_ror_epi64(_mm512_mask_ternarylogic_epi32(P0, 0xAAAA, B[h], K1[r], 0x96), 32);
       }
     }
@@ -155,6 +152,7 @@ using NormalsFn = void (*)(uint64_t, uint32_t, uint32_t, uint64_t, int64_t, floa
 struct Isa {
   NormalsFn fn;
   const char* name;
+  int level;
 };
 
 Isa pick_isa() {
@@ -170,11 +168,13 @@ Isa pick_isa() {
   }
 #if defined(FD_HAVE_X86_SIMD)
   __builtin_cpu_init();
-  if (widest <= 0 && __builtin_cpu_supports("avx512f")) return {normals_avx512, "avx512"};
-  if (widest <= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma"))
-    return {normals_avx2, "avx2"};
+  if (widest <= 0 && __builtin_cpu_supports("avx512f") && __builtin_cpu_supports("avx512bw"))
+    return {normals_avx512, "avx512", 0};
+  if (widest <= 1 && __builtin_cpu_supports("avx2") && __builtin_cpu_supports("fma") &&
+      __builtin_cpu_supports("f16c"))
+    return {normals_avx2, "avx2", 1};
 #endif
-  return {normals_scalar, "scalar"};
+  return {normals_scalar, "scalar", 2};
 }
 
 const Isa& isa() {
@@ -213,5 +213,7 @@ void philox_normals_range(uint64_t seed, uint32_t t, uint32_t stream, int64_t i0
 }
 
 const char* cpu_noise_isa() { return isa().name; }
+
+int cpu_isa_level() { return isa().level; }
 
 }  // namespace fused_ddpm

@@ -20,4 +20,8 @@ void philox_normals_range(uint64_t seed, uint32_t t, uint32_t stream, int64_t i0
 // (same names) read at the first call picks a narrower one, for testing.
 const char* cpu_noise_isa();
 
+// The same choice as a number: 0 AVX-512, 1 AVX2 + FMA, 2 baseline (the CPU kernels' vector
+// loops use it too).
+int cpu_isa_level();
+
 }  // namespace fused_ddpm

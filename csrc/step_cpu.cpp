@@ -21,6 +21,7 @@
 
 #include "noise_cpu.h"
 #include "static_switch.h"
+#include "step_cpu_simd.h"
 #include "step_math.h"
 
 namespace fused_ddpm {
@@ -162,34 +163,218 @@ const A* block_z(const StepParams& p, int64_t b, int64_t s0, int64_t n, Scratch<
 
 // ------------------------------------------------------------------------------ forward
 
+// ------------------------------------------------------------------------------ lean loops
+// The lean step y = Q x + R m (+ S z) and its backward, per block. The generic loop is the
+// baseline; on x86 with AVX-512 or AVX2 + F16C (cpu_isa_level(), the choice of the noise
+// path) explicit vector loops convert fp16 / bf16 in registers. They compute the same
+// operations in the same order (no FMA), and a block's partial last vector goes through the
+// vector code via a padded copy, so every element gets the same bits.
+
+// y[j] = Q x[j] + R m[j] (+ S z[j]) (Z = void: no noise term).
+template <typename T, typename Z>
+inline void lean_forward_loop(const T* x, const T* m, const Z* z, T* y, int64_t n,
+                              const SampleCoef<AccOf<T>>& k) {
+  using A = AccOf<T>;
+  constexpr bool NOISE = !std::is_same<Z, void>::value;
+  const LeanFeatures<NOISE> f;
+  A unused;
+  for (int64_t j = 0; j < n; ++j) {
+    A zj = A(0);
+    if constexpr (NOISE) zj = static_cast<A>(z[j]);
+    y[j] = static_cast<T>(step_forward_elem(f, k, static_cast<A>(x[j]), static_cast<A>(m[j]),
+                                            A(0), zj, A(0), &unused));
+  }
+}
+
+// grad x = Q gy, grad m = R gy.
+template <typename T>
+inline void lean_backward_loop(const T* gy, T* gx, T* gm, int64_t n, AccOf<T> Q, AccOf<T> R) {
+  using A = AccOf<T>;
+  for (int64_t j = 0; j < n; ++j) {
+    const A g = static_cast<A>(gy[j]);
+    gx[j] = static_cast<T>(Q * g);
+    gm[j] = static_cast<T>(R * g);
+  }
+}
+
+#if defined(FD_HAVE_X86_SIMD)
+// W elements of T <-> W floats in a vector (V: __m512 with W = 16, __m256 with W = 8).
+FD_AVX512 inline __m512 vload16(const float* p) { return _mm512_loadu_ps(p); }
+FD_AVX512 inline __m512 vload16(const c10::BFloat16* p) {
+  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
+}
+FD_AVX512 inline __m512 vload16(const c10::Half* p) {
+  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+}
+FD_AVX512 inline void vstore16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+FD_AVX512 inline void vstore16(c10::BFloat16* p, __m512 v) {
+  // round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's conversion)
+  const __m512i u = _mm512_castps_si512(v);
+  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
+  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
+  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+}
+FD_AVX512 inline void vstore16(c10::Half* p, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+FD_AVX2 inline __m256 vload8(const float* p) { return _mm256_loadu_ps(p); }
+FD_AVX2 inline __m256 vload8(const c10::BFloat16* p) {
+  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
+}
+FD_AVX2 inline __m256 vload8(const c10::Half* p) {
+  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+}
+FD_AVX2 inline void vstore8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
+FD_AVX2 inline void vstore8(c10::BFloat16* p, __m256 v) {
+  const __m256i u = _mm256_castps_si256(v);
+  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
+  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
+  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0),
+                         _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
+  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
+}
+FD_AVX2 inline void vstore8(c10::Half* p, __m256 v) {
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
+                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
+}
+
+// One vector of the lean forward: y = (Q x + R m) + S z, rounded after each operation.
+template <typename T, typename Z>
+FD_AVX512 inline void lean_forward16(const T* x, const T* m, const Z* z, T* y, __m512 Q,
+                                     __m512 R, __m512 S) {
+  __m512 v = _mm512_add_ps(_mm512_mul_ps(Q, vload16(x)), _mm512_mul_ps(R, vload16(m)));
+  if constexpr (!std::is_same<Z, void>::value) v = _mm512_add_ps(v, _mm512_mul_ps(S, vload16(z)));
+  vstore16(y, v);
+}
+template <typename T, typename Z>
+FD_AVX2 inline void lean_forward8(const T* x, const T* m, const Z* z, T* y, __m256 Q, __m256 R,
+                                  __m256 S) {
+  __m256 v = _mm256_add_ps(_mm256_mul_ps(Q, vload8(x)), _mm256_mul_ps(R, vload8(m)));
+  if constexpr (!std::is_same<Z, void>::value) v = _mm256_add_ps(v, _mm256_mul_ps(S, vload8(z)));
+  vstore8(y, v);
+}
+
+// Runs vec(x, m, z, y) over n elements in vectors of W, the last partial one on padded copies.
+template <int W, typename T, typename Z, typename Vec>
+inline void lean_forward_vectors(const T* x, const T* m, const Z* z, T* y, int64_t n, Vec&& vec) {
+  int64_t j = 0;
+  for (; j + W <= n; j += W) {
+    if constexpr (std::is_same<Z, void>::value) vec(x + j, m + j, z, y + j);
+    else vec(x + j, m + j, z + j, y + j);
+  }
+  if (j == n) return;
+  using ZS = typename std::conditional<std::is_same<Z, void>::value, float, Z>::type;
+  T xb[W] = {}, mb[W] = {}, yb[W];
+  ZS zb[W] = {};
+  const int64_t r = n - j;
+  for (int64_t i = 0; i < r; ++i) {
+    xb[i] = x[j + i];
+    mb[i] = m[j + i];
+    if constexpr (!std::is_same<Z, void>::value) zb[i] = z[j + i];
+  }
+  if constexpr (std::is_same<Z, void>::value) vec(xb, mb, z, yb);
+  else vec(xb, mb, static_cast<const Z*>(zb), yb);
+  for (int64_t i = 0; i < r; ++i) y[j + i] = yb[i];
+}
+
+template <typename T, typename Z>
+FD_AVX512 FD_FLATTEN void lean_forward_avx512(const T* x, const T* m, const Z* z, T* y,
+                                              int64_t n, const SampleCoef<float>& k) {
+  const __m512 Q = _mm512_set1_ps(k.c[Col::Q]), R = _mm512_set1_ps(k.c[Col::R]),
+               S = _mm512_set1_ps(k.c[Col::S]);
+  lean_forward_vectors<16>(x, m, z, y, n, [&](const T* xa, const T* ma, const Z* za, T* ya) {
+    lean_forward16(xa, ma, za, ya, Q, R, S);
+  });
+}
+template <typename T, typename Z>
+FD_AVX2 FD_FLATTEN void lean_forward_avx2(const T* x, const T* m, const Z* z, T* y, int64_t n,
+                                          const SampleCoef<float>& k) {
+  const __m256 Q = _mm256_set1_ps(k.c[Col::Q]), R = _mm256_set1_ps(k.c[Col::R]),
+               S = _mm256_set1_ps(k.c[Col::S]);
+  lean_forward_vectors<8>(x, m, z, y, n, [&](const T* xa, const T* ma, const Z* za, T* ya) {
+    lean_forward8(xa, ma, za, ya, Q, R, S);
+  });
+}
+
+template <typename T>
+FD_AVX512 FD_FLATTEN void lean_backward_avx512(const T* gy, T* gx, T* gm, int64_t n, float Q,
+                                               float R) {
+  const __m512 q = _mm512_set1_ps(Q), r = _mm512_set1_ps(R);
+  int64_t j = 0;
+  for (; j + 16 <= n; j += 16) {
+    const __m512 g = vload16(gy + j);
+    vstore16(gx + j, _mm512_mul_ps(q, g));
+    vstore16(gm + j, _mm512_mul_ps(r, g));
+  }
+  lean_backward_loop(gy + j, gx + j, gm + j, n - j, Q, R);  // a product rounds alike everywhere
+}
+template <typename T>
+FD_AVX2 FD_FLATTEN void lean_backward_avx2(const T* gy, T* gx, T* gm, int64_t n, float Q,
+                                           float R) {
+  const __m256 q = _mm256_set1_ps(Q), r = _mm256_set1_ps(R);
+  int64_t j = 0;
+  for (; j + 8 <= n; j += 8) {
+    const __m256 g = vload8(gy + j);
+    vstore8(gx + j, _mm256_mul_ps(q, g));
+    vstore8(gm + j, _mm256_mul_ps(r, g));
+  }
+  lean_backward_loop(gy + j, gx + j, gm + j, n - j, Q, R);
+}
+#endif  // FD_HAVE_X86_SIMD
+
+template <typename T, typename Z>
+void lean_forward_block(const T* x, const T* m, const Z* z, T* y, int64_t n,
+                        const SampleCoef<AccOf<T>>& k) {
+#if defined(FD_HAVE_X86_SIMD)
+  if constexpr (!std::is_same<T, double>::value) {
+    switch (cpu_isa_level()) {
+      case 0: return lean_forward_avx512(x, m, z, y, n, k);
+      case 1: return lean_forward_avx2(x, m, z, y, n, k);
+      default: break;
+    }
+  }
+#endif
+  lean_forward_loop(x, m, z, y, n, k);
+}
+
+template <typename T>
+void lean_backward_block(const T* gy, T* gx, T* gm, int64_t n, AccOf<T> Q, AccOf<T> R) {
+#if defined(FD_HAVE_X86_SIMD)
+  if constexpr (!std::is_same<T, double>::value) {
+    switch (cpu_isa_level()) {
+      case 0: return lean_backward_avx512(gy, gx, gm, n, Q, R);
+      case 1: return lean_backward_avx2(gy, gx, gm, n, Q, R);
+      default: break;
+    }
+  }
+#endif
+  lean_backward_loop(gy, gx, gm, n, Q, R);
+}
+
 // y = Q x + R m (+ S z): the step of the benchmarks and of most samplers.
 template <typename T, bool NOISE>
 void forward_lean(const StepParams& p) {
   using A = AccOf<T>;
   const Blocks bl(p, NOISE && p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
-  const LeanFeatures<NOISE> f;
   auto scratch = [&] { return Scratch<A>(bl.len, 0); };
   for_each_block(p, bl, scratch, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
     const SampleCoef<A> k = sample_coef<A>(p, b);
     const T* x = at_sample<const T>(p.in[In::X], b, s0);
     const T* m = at_sample<const T>(p.in[In::M], b, s0);
     T* y = at_sample<T>(p.out[Out::Y], b, s0);
-    A unused;
     if (NOISE && p.noise == Noise::EXTERNAL) {
-      const T* z = at_sample<const T>(p.in[In::Z], b, s0);
-      for (int64_t j = 0; j < n; ++j)
-        y[j] = static_cast<T>(step_forward_elem(f, k, static_cast<A>(x[j]), static_cast<A>(m[j]),
-                                                A(0), static_cast<A>(z[j]), A(0), &unused));
+      lean_forward_block<T, T>(x, m, at_sample<const T>(p.in[In::Z], b, s0), y, n, k);
     } else if (NOISE) {
       block_noise(p, b, s0, n, w.zf.data(), w.tmp);
-      const float* z = w.zf.data();
-      for (int64_t j = 0; j < n; ++j)
-        y[j] = static_cast<T>(step_forward_elem(f, k, static_cast<A>(x[j]), static_cast<A>(m[j]),
-                                                A(0), static_cast<A>(z[j]), A(0), &unused));
+      lean_forward_block<T, float>(x, m, w.zf.data(), y, n, k);
     } else {
-      for (int64_t j = 0; j < n; ++j)
-        y[j] = static_cast<T>(step_forward_elem(f, k, static_cast<A>(x[j]), static_cast<A>(m[j]),
-                                                A(0), A(0), A(0), &unused));
+      lean_forward_block<T, void>(x, m, nullptr, y, n, k);
     }
   });
 }
@@ -257,15 +442,8 @@ void backward_lean(const StepParams& p) {
   auto no_scratch = [] { return 0; };
   for_each_block(p, bl, no_scratch, [&](int64_t b, int64_t s0, int64_t n, int) {
     const SampleCoef<A> k = sample_coef<A>(p, b);
-    const A Q = k.c[Col::Q], R = k.c[Col::R];
-    const T* gy = at_sample<const T>(p.grad_y, b, s0);
-    T* gx = at_sample<T>(p.grad[In::X], b, s0);
-    T* gm = at_sample<T>(p.grad[In::M], b, s0);
-    for (int64_t j = 0; j < n; ++j) {
-      const A g = static_cast<A>(gy[j]);
-      gx[j] = static_cast<T>(Q * g);
-      gm[j] = static_cast<T>(R * g);
-    }
+    lean_backward_block(at_sample<const T>(p.grad_y, b, s0), at_sample<T>(p.grad[In::X], b, s0),
+                        at_sample<T>(p.grad[In::M], b, s0), n, k.c[Col::Q], k.c[Col::R]);
   });
 }
 

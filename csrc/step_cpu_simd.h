@@ -11,11 +11,14 @@
 #include <immintrin.h>
 #include <stdint.h>
 
-#pragma GCC diagnostic push
-#pragma GCC diagnostic ignored "-Wpsabi"  // vector arguments of inlined helpers
+// For the whole translation unit (the warnings are reported where the inlined helpers are
+// instantiated): vector arguments of inlined helpers, and GCC 12's false "may be used
+// uninitialized" in its own AVX-512 intrinsics headers.
+#pragma GCC diagnostic ignored "-Wpsabi"
+#pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
 
-#define FD_AVX512 __attribute__((target("avx512f,avx2,fma,bmi2,popcnt")))
-#define FD_AVX2 __attribute__((target("avx2,fma,bmi2,popcnt")))
+#define FD_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c,bmi2,popcnt")))
+#define FD_AVX2 __attribute__((target("avx2,fma,f16c,bmi2,popcnt")))
 #define FD_FLATTEN __attribute__((flatten))
 
 namespace fused_ddpm {
@@ -88,5 +91,4 @@ FD_AVX2 inline I8 shl_(I8 a, int n) { return I8(_mm256_slli_epi32(a.v, n)); }
 }  // namespace simd
 }  // namespace fused_ddpm
 
-#pragma GCC diagnostic pop
 #endif  // x86-64 with GCC or clang

@@ -295,15 +295,16 @@ FD_HD void box_muller_accurate(const V& u0, const V& u1, V& z0, V& z1) {
 
 #if defined(__CUDACC__)
 // Box–Muller of two raw words, GPU fast math (within 1e-5 of the oracle): the log polynomial
-// above, sqrt, and __sincosf on an angle reduced into [-pi, pi] (its accurate range) without a
-// branch: theta = 2 pi (u1 - 1) for u1 > 1/2 (u1 - 1 is exact).
+// above, sqrt, and __sincosf on theta reduced into [-pi, pi] (its accurate range) without a
+// branch: theta - 2 pi (float32 2 pi, exact for theta >= pi) differs from the angle by
+// 2 pi - fl32(2 pi) = 1.7e-7 only.
 __device__ __forceinline__ void box_muller_fast(uint32_t a, uint32_t b, float& z0, float& z1) {
   const float u0 = uint32_to_uniform(a);
   const float u1 = uint32_to_uniform(b);
   const float rho = sqrtf(neg2_log_fast(u0));
-  const float turns = u1 > 0.5f ? u1 - 1.0f : u1;
+  const float theta = __fmul_rn(u1, 6.2831854820251465f);  // the spec's float32 theta (no FMA)
   float s, c;
-  __sincosf(turns * 6.2831854820251465f, &s, &c);
+  __sincosf(theta > 3.1415927410125732f ? theta - 6.2831854820251465f : theta, &s, &c);
   z0 = rho * c;
   z1 = rho * s;
 }
@@ -388,6 +389,11 @@ FD_HD A sigma_of(const F& f, const SampleCoef<A>& k, A v) {
   return k.c[Col::S];
 }
 
+// The empty sum the terms are added to: -0 + t == t exactly (also for t = -0), so a sum of
+// terms is the same whichever term comes first and a compiler may drop the addition.
+template <typename A>
+FD_HD constexpr A empty_sum() { return A(-0.0); }
+
 // acc + c v if the launch computes the col-term, else acc (the term is left out).
 template <typename F, typename A>
 FD_HD A add_term(const F& f, int col, A acc, A c, A v) {
@@ -397,7 +403,7 @@ FD_HD A add_term(const F& f, int col, A acc, A c, A v) {
 // x̂0 before clipping: U x + W m + E z.
 template <typename F, typename A>
 FD_HD A step_xr(const F& f, const SampleCoef<A>& k, A x, A m, A z) {
-  A xr = A(0);
+  A xr = empty_sum<A>();
   xr = add_term(f, Col::U, xr, k.c[Col::U], x);
   xr = add_term(f, Col::W, xr, k.c[Col::W], m);
   xr = add_term(f, Col::E, xr, k.c[Col::E], z);
@@ -421,7 +427,7 @@ FD_HD A step_dclip(const F& f, const SampleCoef<A>& k, A xr) {
 // One element forward: returns y; *xh receives x̂0 (only meaningful when f.need_xh).
 template <typename F, typename A>
 FD_HD A step_forward_elem(const F& f, const SampleCoef<A>& k, A x, A m, A v, A z, A h, A* xh) {
-  A y = A(0);
+  A y = empty_sum<A>();
   if (f.need_xh) {
     *xh = step_clip(f, k, step_xr(f, k, x, m, z));
     y = add_term(f, Col::P, y, k.c[Col::P], *xh);
@@ -448,11 +454,11 @@ FD_HD ElemGrads<A> step_backward_elem(const F& f, const SampleCoef<A>& k, A gy, 
     a = add_term(f, Col::P, g0, k.c[Col::P], gy);
     if (f.clip != Clip::NONE) a = a * step_dclip(f, k, step_xr(f, k, x, m, z));
   }
-  g.x = add_term(f, Col::U, add_term(f, Col::Q, A(0), k.c[Col::Q], gy), k.c[Col::U], a);
-  g.m = add_term(f, Col::W, add_term(f, Col::R, A(0), k.c[Col::R], gy), k.c[Col::W], a);
+  g.x = add_term(f, Col::U, add_term(f, Col::Q, empty_sum<A>(), k.c[Col::Q], gy), k.c[Col::U], a);
+  g.m = add_term(f, Col::W, add_term(f, Col::R, empty_sum<A>(), k.c[Col::R], gy), k.c[Col::W], a);
   const A sigma = sigma_of(f, k, v);
-  g.z = add_term(f, Col::E, add_term(f, Col::S, A(0), sigma, gy), k.c[Col::E], a);
-  g.h = add_term(f, Col::H, A(0), k.c[Col::H], gy);
+  g.z = add_term(f, Col::E, add_term(f, Col::S, empty_sum<A>(), sigma, gy), k.c[Col::E], a);
+  g.h = add_term(f, Col::H, empty_sum<A>(), k.c[Col::H], gy);
   g.v = A(0);
   if (f.has(Col::S)) {
     if (f.var == Var::SQRT) g.v = gy * z * k.c[Col::S] / (A(2) * fd_sqrt(v));
