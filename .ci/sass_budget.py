@@ -19,19 +19,16 @@ issuing one warp instruction -- 32 threads -- per cycle at 1.98 GHz):
 Memory floor at 4.25 TB/s copy bandwidth (read + write): fp32 3 passes 142 us (4 passes with
 an external noise tensor: 190 us), fp16/bf16 half of that.
 
-Triton rows: if .ci/triton_sass.py exists, its function ``sass_rows(arch)`` is called; with
-``--triton-json FILE`` the rows are read from that file (a JSON list). Each row is a dict::
+Triton rows (TK's .ci/triton_sass.py): unless --no-triton, when that module exists its
+``measure(arch=90)`` rows are added to the table and its ``failures(rows)`` decide their
+pass/fail; ``--triton-json FILE`` reads rows written by ``python .ci/triton_sass.py --json
+FILE`` instead of compiling. A row is a dict with at least: backend, variant, kind
+("noise" | "external" | "backward" | "cl_noise", None: information only), dtype, budget,
+regs, instr_per_elem, spill_st, spill_ld, stack, wide_ok (every data access 128-bit), or
+"error".
 
-    {"backend": "triton", "variant": "fwd fp16 philox", "category": "philox" | "external" |
-     "backward" | "philox_cl", "dtype": "fp32" | "fp16" | "bf16", "regs": int,
-     "spill_bytes": int, "instr_per_elem": float, "vec128": bool}
-
-``vec128``: the main path moves every tensor with 128-bit accesses (required for the
-contiguous categories). Those rows are checked against the same budgets and shown in the
-same table.
-
-Usage: python .ci/sass_budget.py [--obj step_kernels_sm90.o] [--triton-json rows.json]
-                                 [--cuda-home DIR] [--keep DIR] [--verbose]
+Usage: python .ci/sass_budget.py [--obj step_kernels_sm90.o] [--triton-json rows.json |
+                                 --no-triton] [--cuda-home DIR] [--keep DIR] [--verbose]
 """
 from __future__ import annotations
 
@@ -230,20 +227,50 @@ def cuda_rows(obj: Path, cuobjdump: str, verbose: bool) -> List[dict]:
     return rows
 
 
-def triton_rows(json_path: Optional[str]) -> List[dict]:
-    if json_path:
-        return json.loads(Path(json_path).read_text())
+# TK's kinds -> the budget categories here
+TRITON_KIND = {"noise": "philox", "external": "external", "backward": "backward",
+               "cl_noise": "philox_cl", None: None}
+
+
+def triton_rows(json_path: Optional[str], skip: bool) -> Tuple[List[dict], List[str]]:
+    """(rows in this script's form, failure messages) of the Triton kernels."""
+    if skip:
+        return [], []
     path = ROOT / ".ci" / "triton_sass.py"
-    if not path.exists():
-        return []
-    spec = importlib.util.spec_from_file_location("triton_sass", path)
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return list(mod.sass_rows(ARCH))
+    mod = None
+    if path.exists():
+        sys.path.insert(0, str(path.parent))
+        spec = importlib.util.spec_from_file_location("triton_sass", path)
+        mod = importlib.util.module_from_spec(spec)
+        spec.loader.exec_module(mod)
+    if json_path:
+        raw = json.loads(Path(json_path).read_text())
+    elif mod is not None:
+        raw = mod.measure(arch=90)
+    else:
+        return [], []
+    # TK's own verdicts (errors, and its reading of the budgets); the budgets are applied to
+    # every row below as well
+    fails = list(mod.failures(raw)) if mod is not None else [
+        f"{r['variant']}: {r['error']}" for r in raw if "error" in r]
+    rows = []
+    for r in raw:
+        if "error" in r:
+            continue
+        rows.append({"backend": "triton", "variant": r["variant"],
+                     "category": TRITON_KIND.get(r.get("kind")), "dtype": r["dtype"],
+                     "regs": r.get("regs", -1),
+                     "spill_bytes": (r.get("spill_st") or 0) + (r.get("spill_ld") or 0) +
+                     (r.get("stack") or 0),
+                     "instr_per_elem": float(r["instr_per_elem"]),
+                     "vec128": bool(r.get("wide_ok"))})
+    return rows, fails
 
 
 def check(row: dict) -> List[str]:
     errs = []
+    if row["category"] is None:
+        return errs  # information only
     budget = BUDGETS[row["category"]]
     if row["instr_per_elem"] > budget:
         errs.append(f"{row['instr_per_elem']:.1f} instr/elem > budget {budget:.0f}")
@@ -255,13 +282,15 @@ def check(row: dict) -> List[str]:
 
 
 def floor_us(row: dict) -> float:
-    return PASSES[row["category"]] * ELEM_BYTES[row["dtype"]] * ELEMENTS / COPY_BPS * 1e6
+    passes = PASSES[row["category"]] if row["category"] else 3
+    return passes * ELEM_BYTES[row["dtype"]] * ELEMENTS / COPY_BPS * 1e6
 
 
 def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--obj", help="an sm_90 object of csrc/step_kernels.cu (else compiled here)")
-    ap.add_argument("--triton-json", help="Triton rows as JSON (else .ci/triton_sass.py, if any)")
+    ap.add_argument("--triton-json", help="Triton rows as JSON (from triton_sass.py --json)")
+    ap.add_argument("--no-triton", action="store_true", help="CUDA kernels only")
     ap.add_argument("--cuda-home")
     ap.add_argument("--keep", help="keep the object and SASS in this directory")
     ap.add_argument("--verbose", action="store_true", help="print the opcode mix of each loop")
@@ -276,7 +305,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         else:
             obj = work / "step_kernels_sm90.o"
             compile_object(find_tool("nvcc", args.cuda_home), obj)
-        rows = cuda_rows(obj, cuobjdump, args.verbose) + triton_rows(args.triton_json)
+        rows = cuda_rows(obj, cuobjdump, args.verbose)
+        trows, tfails = triton_rows(args.triton_json, args.no_triton)
+        rows += trows
     finally:
         if not args.keep:
             shutil.rmtree(work, ignore_errors=True)
@@ -286,24 +317,28 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print(f"sass_budget: {ARCH}, 64x3x512x512 step on an H200 (1 instr/elem = "
           f"{US_PER_INSTR_ELEM:.2f} us at IPC {IPC})")
-    hdr = (f"{'backend':7} {'variant':22} {'regs':>4} {'instr/elem':>10} {'budget':>6} "
+    hdr = (f"{'backend':7} {'variant':40} {'regs':>4} {'instr/elem':>10} {'budget':>6} "
            f"{'issue us':>8} {'floor us':>8}  status")
     print(hdr)
     print("-" * len(hdr))
     failed = 0
-    order = {"philox": 0, "external": 1, "philox_cl": 2, "backward": 3}
+    order = {"philox": 0, "external": 1, "philox_cl": 2, "backward": 3, None: 4}
     for row in sorted(rows, key=lambda r: (r["backend"], order[r["category"]], r["dtype"])):
         errs = check(row)
         failed += bool(errs)
-        print(f"{row['backend']:7} {row['variant']:22} {row['regs']:>4} "
-              f"{row['instr_per_elem']:>10.1f} {BUDGETS[row['category']]:>6.0f} "
+        budget = f"{BUDGETS[row['category']]:.0f}" if row["category"] else "-"
+        print(f"{row['backend']:7} {row['variant'][:40]:40} {row['regs']:>4} "
+              f"{row['instr_per_elem']:>10.1f} {budget:>6} "
               f"{row['instr_per_elem'] * US_PER_INSTR_ELEM:>8.0f} {floor_us(row):>8.0f}  "
               f"{'FAIL: ' + '; '.join(errs) if errs else 'ok'}")
         if args.verbose and "where" in row:
             print(f"        {row['where']}")
             if "ops" in row:
                 print("        " + ", ".join(f"{o} {n}" for o, n in row["ops"]))
-    print(f"sass_budget: {'FAILED' if failed else 'OK'} ({len(rows)} kernels, {failed} over)")
+    for f in tfails:
+        print(f"triton  FAIL: {f}")
+    failed += len(tfails)
+    print(f"sass_budget: {'FAILED' if failed else 'OK'} ({len(rows)} kernels, {failed} failures)")
     return 1 if failed else 0
 
 

@@ -3,11 +3,10 @@
 // Work is split with at::parallel_for over blocks: a block is a storage range of one sample,
 // BLOCK elements (or, channels_last with in-kernel noise, whole positions: P positions x C
 // channels, so that each channel's noise is P consecutive logical elements). Per block the
-// noise is generated first (noise_cpu.cpp, vectorised), then one loop over the block applies
-// the per-element math of step_math.h. The hot step (no clip, fixed variance, y = Q x + R m
-// + S z) and its backward have their own loops reading and writing the tensors' dtype
-// directly; everything else goes through compute-type buffers (float; double for fp64) and
-// the runtime-feature loop, which the compiler unswitches on the launch's features.
+// noise is generated first (noise_cpu.cpp), then one vector loop (step_cpu_loops.h) applies
+// the per-element math of step_math.h. The lean step (no clip, fixed variance, no guidance:
+// y = Q x + R m + S z) and its backward read and write the tensors' dtype directly; every
+// other launch goes through compute-type buffers (float; double for fp64).
 #include "step_cpu.h"
 
 #include <ATen/Parallel.h>
@@ -16,24 +15,24 @@
 #include <c10/util/Half.h>
 
 #include <algorithm>
+#include <cstring>
 #include <type_traits>
 #include <vector>
 
 #include "noise_cpu.h"
 #include "static_switch.h"
-#include "step_cpu_simd.h"
+#include "step_cpu_loops.h"
 #include "step_math.h"
 
 namespace fused_ddpm {
 namespace {
 
+using cpu::AccOf;
+
 constexpr int64_t BLOCK = 1024;  // storage elements per block (a multiple of 4)
 // Elements per parallel task at least: smaller steps run on one thread, since waking
 // threads costs more than the work (and stalls whole steps on a busy machine).
 constexpr int64_t PARALLEL_GRAIN = 1 << 16;
-
-template <typename T>
-using AccOf = typename std::conditional<std::is_same<T, double>::value, double, float>::type;
 
 // ------------------------------------------------------------------------------ blocks
 
@@ -51,15 +50,24 @@ struct Blocks {
   }
 };
 
-// Runs body(b, s0, n, scratch) over every block, in parallel; scratch = make_scratch(), one
-// per task.
-template <typename MakeScratch, typename Body>
-void for_each_block(const StepParams& p, const Blocks& bl, MakeScratch&& make_scratch,
-                    Body&& body) {
+// Per-task block buffers.
+template <typename A>
+struct Scratch {
+  std::vector<A> v;
+  std::vector<float> zf, tmp;
+  int64_t len;
+  Scratch(int64_t len_, int nbuf) : v(static_cast<size_t>(len_) * nbuf, A(0)), zf(len_ + 4),
+                                    len(len_) {}
+  A* buf(int i) { return v.data() + static_cast<size_t>(i) * len; }
+};
+
+// Runs body(b, s0, n, scratch) over every block, in parallel (one Scratch(len, nbuf) per task).
+template <typename A, typename Body>
+void for_each_block(const StepParams& p, const Blocks& bl, int nbuf, Body&& body) {
   const int64_t total = p.B * bl.per_sample;
   at::parallel_for(0, total, std::max<int64_t>(1, PARALLEL_GRAIN / bl.len),
                    [&](int64_t begin, int64_t end) {
-    auto scratch = make_scratch();
+    Scratch<A> scratch(bl.len, nbuf);
     for (int64_t idx = begin; idx < end; ++idx) {
       const int64_t b = idx / bl.per_sample, s0 = (idx - b * bl.per_sample) * bl.len;
       body(b, s0, std::min(bl.len, p.N - s0), scratch);
@@ -97,46 +105,25 @@ template <typename T, typename A>
 const A* load_block(const Stream& s, int64_t b, int64_t s0, int64_t n, A* buf, const A* zeros) {
   const T* src = at_sample<const T>(s, b, s0);
   if (src == nullptr) return zeros;
-  if (std::is_same<T, A>::value) return reinterpret_cast<const A*>(src);
-  for (int64_t j = 0; j < n; ++j) buf[j] = static_cast<A>(src[j]);
-  return buf;
+  if constexpr (std::is_same<T, A>::value) {
+    return src;
+  } else {
+    cpu::to_acc(src, buf, n);
+    return buf;
+  }
 }
 
-// Where a block's values of output stream s go: straight into the tensor when T is the
-// compute type, else into buf (then store_block); an absent stream into scratch.
-template <typename T, typename A>
-A* out_block(const Stream& s, int64_t b, int64_t s0, A* buf, A* scratch) {
-  T* dst = at_sample<T>(s, b, s0);
-  if (dst == nullptr) return scratch;
-  if (std::is_same<T, A>::value) return reinterpret_cast<A*>(dst);
-  return buf;
-}
-
+// A block's values of output stream s, computed into buf, to the tensor.
 template <typename T, typename A>
 void store_block(const Stream& s, int64_t b, int64_t s0, int64_t n, const A* buf) {
   T* dst = at_sample<T>(s, b, s0);
-  if (dst == nullptr || std::is_same<T, A>::value) return;
-  for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(buf[j]);
+  if (dst == nullptr) return;
+  if constexpr (std::is_same<T, A>::value) {
+    std::memcpy(dst, buf, sizeof(A) * n);
+  } else {
+    cpu::from_acc(buf, dst, n);
+  }
 }
-
-// Per-thread block buffers of the general loops.
-template <typename A>
-struct Scratch {
-  std::vector<A> v;
-  std::vector<float> zf, tmp;
-  int64_t len;
-  Scratch(int64_t len_, int nbuf) : v(static_cast<size_t>(len_) * nbuf, A(0)), zf(len_ + 4),
-                                    len(len_) {}
-  A* buf(int i) { return v.data() + static_cast<size_t>(i) * len; }
-};
-
-// The launch's features with the variance mode fixed at compile time (it decides whether
-// the loop calls sqrt / exp).
-template <int VAR>
-struct CpuFeatures : RuntimeFeatures {
-  static constexpr int var = VAR;
-  explicit CpuFeatures(const RuntimeFeatures& rf) : RuntimeFeatures(rf) {}
-};
 
 RuntimeFeatures runtime_features(const StepParams& p) {
   RuntimeFeatures rf;
@@ -155,256 +142,73 @@ const A* block_z(const StepParams& p, int64_t b, int64_t s0, int64_t n, Scratch<
   if (p.noise == Noise::EXTERNAL) return load_block<T, A>(p.in[In::Z], b, s0, n, w.buf(zbuf), zeros);
   if (p.noise != Noise::PHILOX) return zeros;
   block_noise(p, b, s0, n, w.zf.data(), w.tmp);
-  if (std::is_same<A, float>::value) return reinterpret_cast<const A*>(w.zf.data());
-  A* z = w.buf(zbuf);
-  for (int64_t j = 0; j < n; ++j) z[j] = static_cast<A>(w.zf[j]);
-  return z;
+  if constexpr (std::is_same<A, float>::value) {
+    return w.zf.data();
+  } else {
+    A* z = w.buf(zbuf);
+    for (int64_t j = 0; j < n; ++j) z[j] = static_cast<A>(w.zf[j]);
+    return z;
+  }
+}
+
+// Runs fn with the variance mode and the x̂0 need as compile-time constants.
+template <typename Fn>
+void with_var_xh(const StepParams& p, const char* op, Fn&& fn) {
+  const bool known = FD_BOOL_SWITCH(p.need_xh, XH, [&] {
+    switch (p.var) {
+      case Var::FIXED: fn(std::integral_constant<int, Var::FIXED>(), std::bool_constant<XH>()); return true;
+      case Var::SQRT: fn(std::integral_constant<int, Var::SQRT>(), std::bool_constant<XH>()); return true;
+      case Var::EXP: fn(std::integral_constant<int, Var::EXP>(), std::bool_constant<XH>()); return true;
+    }
+    return false;
+  });
+  TORCH_CHECK(known, op, ": unsupported variance mode ", p.var);
 }
 
 // ------------------------------------------------------------------------------ forward
-
-// ------------------------------------------------------------------------------ lean loops
-// The lean step y = Q x + R m (+ S z) and its backward, per block. The generic loop is the
-// baseline; on x86 with AVX-512 or AVX2 + F16C (cpu_isa_level(), the choice of the noise
-// path) explicit vector loops convert fp16 / bf16 in registers. They compute the same
-// operations in the same order (no FMA), and a block's partial last vector goes through the
-// vector code via a padded copy, so every element gets the same bits.
-
-// y[j] = Q x[j] + R m[j] (+ S z[j]) (Z = void: no noise term).
-template <typename T, typename Z>
-inline void lean_forward_loop(const T* x, const T* m, const Z* z, T* y, int64_t n,
-                              const SampleCoef<AccOf<T>>& k) {
-  using A = AccOf<T>;
-  constexpr bool NOISE = !std::is_same<Z, void>::value;
-  const LeanFeatures<NOISE> f;
-  A unused;
-  for (int64_t j = 0; j < n; ++j) {
-    A zj = A(0);
-    if constexpr (NOISE) zj = static_cast<A>(z[j]);
-    y[j] = static_cast<T>(step_forward_elem(f, k, static_cast<A>(x[j]), static_cast<A>(m[j]),
-                                            A(0), zj, A(0), &unused));
-  }
-}
-
-// grad x = Q gy, grad m = R gy.
-template <typename T>
-inline void lean_backward_loop(const T* gy, T* gx, T* gm, int64_t n, AccOf<T> Q, AccOf<T> R) {
-  using A = AccOf<T>;
-  for (int64_t j = 0; j < n; ++j) {
-    const A g = static_cast<A>(gy[j]);
-    gx[j] = static_cast<T>(Q * g);
-    gm[j] = static_cast<T>(R * g);
-  }
-}
-
-#if defined(FD_HAVE_X86_SIMD)
-// W elements of T <-> W floats in a vector (V: __m512 with W = 16, __m256 with W = 8).
-FD_AVX512 inline __m512 vload16(const float* p) { return _mm512_loadu_ps(p); }
-FD_AVX512 inline __m512 vload16(const c10::BFloat16* p) {
-  const __m512i w = _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-  return _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-}
-FD_AVX512 inline __m512 vload16(const c10::Half* p) {
-  return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
-}
-FD_AVX512 inline void vstore16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
-FD_AVX512 inline void vstore16(c10::BFloat16* p, __m512 v) {
-  // round to nearest even, NaN -> 0x7FC0 (c10::BFloat16's conversion)
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF))), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
-}
-FD_AVX512 inline void vstore16(c10::Half* p, __m512 v) {
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
-                      _mm512_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-FD_AVX2 inline __m256 vload8(const float* p) { return _mm256_loadu_ps(p); }
-FD_AVX2 inline __m256 vload8(const c10::BFloat16* p) {
-  const __m256i w = _mm256_cvtepu16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-  return _mm256_castsi256_ps(_mm256_slli_epi32(w, 16));
-}
-FD_AVX2 inline __m256 vload8(const c10::Half* p) {
-  return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
-}
-FD_AVX2 inline void vstore8(float* p, __m256 v) { _mm256_storeu_ps(p, v); }
-FD_AVX2 inline void vstore8(c10::BFloat16* p, __m256 v) {
-  const __m256i u = _mm256_castps_si256(v);
-  const __m256i odd = _mm256_and_si256(_mm256_srli_epi32(u, 16), _mm256_set1_epi32(1));
-  __m256i r = _mm256_srli_epi32(_mm256_add_epi32(u, _mm256_add_epi32(odd, _mm256_set1_epi32(0x7FFF))), 16);
-  r = _mm256_blendv_epi8(r, _mm256_set1_epi32(0x7FC0),
-                         _mm256_castps_si256(_mm256_cmp_ps(v, v, _CMP_UNORD_Q)));
-  const __m256i packed = _mm256_permute4x64_epi64(_mm256_packus_epi32(r, r), 0x08);
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p), _mm256_castsi256_si128(packed));
-}
-FD_AVX2 inline void vstore8(c10::Half* p, __m256 v) {
-  _mm_storeu_si128(reinterpret_cast<__m128i*>(p),
-                   _mm256_cvtps_ph(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC));
-}
-
-// One vector of the lean forward: y = (Q x + R m) + S z, rounded after each operation.
-template <typename T, typename Z>
-FD_AVX512 inline void lean_forward16(const T* x, const T* m, const Z* z, T* y, __m512 Q,
-                                     __m512 R, __m512 S) {
-  __m512 v = _mm512_add_ps(_mm512_mul_ps(Q, vload16(x)), _mm512_mul_ps(R, vload16(m)));
-  if constexpr (!std::is_same<Z, void>::value) v = _mm512_add_ps(v, _mm512_mul_ps(S, vload16(z)));
-  vstore16(y, v);
-}
-template <typename T, typename Z>
-FD_AVX2 inline void lean_forward8(const T* x, const T* m, const Z* z, T* y, __m256 Q, __m256 R,
-                                  __m256 S) {
-  __m256 v = _mm256_add_ps(_mm256_mul_ps(Q, vload8(x)), _mm256_mul_ps(R, vload8(m)));
-  if constexpr (!std::is_same<Z, void>::value) v = _mm256_add_ps(v, _mm256_mul_ps(S, vload8(z)));
-  vstore8(y, v);
-}
-
-// Runs vec(x, m, z, y) over n elements in vectors of W, the last partial one on padded copies.
-template <int W, typename T, typename Z, typename Vec>
-inline void lean_forward_vectors(const T* x, const T* m, const Z* z, T* y, int64_t n, Vec&& vec) {
-  int64_t j = 0;
-  for (; j + W <= n; j += W) {
-    if constexpr (std::is_same<Z, void>::value) vec(x + j, m + j, z, y + j);
-    else vec(x + j, m + j, z + j, y + j);
-  }
-  if (j == n) return;
-  using ZS = typename std::conditional<std::is_same<Z, void>::value, float, Z>::type;
-  T xb[W] = {}, mb[W] = {}, yb[W];
-  ZS zb[W] = {};
-  const int64_t r = n - j;
-  for (int64_t i = 0; i < r; ++i) {
-    xb[i] = x[j + i];
-    mb[i] = m[j + i];
-    if constexpr (!std::is_same<Z, void>::value) zb[i] = z[j + i];
-  }
-  if constexpr (std::is_same<Z, void>::value) vec(xb, mb, z, yb);
-  else vec(xb, mb, static_cast<const Z*>(zb), yb);
-  for (int64_t i = 0; i < r; ++i) y[j + i] = yb[i];
-}
-
-template <typename T, typename Z>
-FD_AVX512 FD_FLATTEN void lean_forward_avx512(const T* x, const T* m, const Z* z, T* y,
-                                              int64_t n, const SampleCoef<float>& k) {
-  const __m512 Q = _mm512_set1_ps(k.c[Col::Q]), R = _mm512_set1_ps(k.c[Col::R]),
-               S = _mm512_set1_ps(k.c[Col::S]);
-  lean_forward_vectors<16>(x, m, z, y, n, [&](const T* xa, const T* ma, const Z* za, T* ya) {
-    lean_forward16(xa, ma, za, ya, Q, R, S);
-  });
-}
-template <typename T, typename Z>
-FD_AVX2 FD_FLATTEN void lean_forward_avx2(const T* x, const T* m, const Z* z, T* y, int64_t n,
-                                          const SampleCoef<float>& k) {
-  const __m256 Q = _mm256_set1_ps(k.c[Col::Q]), R = _mm256_set1_ps(k.c[Col::R]),
-               S = _mm256_set1_ps(k.c[Col::S]);
-  lean_forward_vectors<8>(x, m, z, y, n, [&](const T* xa, const T* ma, const Z* za, T* ya) {
-    lean_forward8(xa, ma, za, ya, Q, R, S);
-  });
-}
-
-template <typename T>
-FD_AVX512 FD_FLATTEN void lean_backward_avx512(const T* gy, T* gx, T* gm, int64_t n, float Q,
-                                               float R) {
-  const __m512 q = _mm512_set1_ps(Q), r = _mm512_set1_ps(R);
-  int64_t j = 0;
-  for (; j + 16 <= n; j += 16) {
-    const __m512 g = vload16(gy + j);
-    vstore16(gx + j, _mm512_mul_ps(q, g));
-    vstore16(gm + j, _mm512_mul_ps(r, g));
-  }
-  lean_backward_loop(gy + j, gx + j, gm + j, n - j, Q, R);  // a product rounds alike everywhere
-}
-template <typename T>
-FD_AVX2 FD_FLATTEN void lean_backward_avx2(const T* gy, T* gx, T* gm, int64_t n, float Q,
-                                           float R) {
-  const __m256 q = _mm256_set1_ps(Q), r = _mm256_set1_ps(R);
-  int64_t j = 0;
-  for (; j + 8 <= n; j += 8) {
-    const __m256 g = vload8(gy + j);
-    vstore8(gx + j, _mm256_mul_ps(q, g));
-    vstore8(gm + j, _mm256_mul_ps(r, g));
-  }
-  lean_backward_loop(gy + j, gx + j, gm + j, n - j, Q, R);
-}
-#endif  // FD_HAVE_X86_SIMD
-
-template <typename T, typename Z>
-void lean_forward_block(const T* x, const T* m, const Z* z, T* y, int64_t n,
-                        const SampleCoef<AccOf<T>>& k) {
-#if defined(FD_HAVE_X86_SIMD)
-  if constexpr (!std::is_same<T, double>::value) {
-    switch (cpu_isa_level()) {
-      case 0: return lean_forward_avx512(x, m, z, y, n, k);
-      case 1: return lean_forward_avx2(x, m, z, y, n, k);
-      default: break;
-    }
-  }
-#endif
-  lean_forward_loop(x, m, z, y, n, k);
-}
-
-template <typename T>
-void lean_backward_block(const T* gy, T* gx, T* gm, int64_t n, AccOf<T> Q, AccOf<T> R) {
-#if defined(FD_HAVE_X86_SIMD)
-  if constexpr (!std::is_same<T, double>::value) {
-    switch (cpu_isa_level()) {
-      case 0: return lean_backward_avx512(gy, gx, gm, n, Q, R);
-      case 1: return lean_backward_avx2(gy, gx, gm, n, Q, R);
-      default: break;
-    }
-  }
-#endif
-  lean_backward_loop(gy, gx, gm, n, Q, R);
-}
 
 // y = Q x + R m (+ S z): the step of the benchmarks and of most samplers.
 template <typename T, bool NOISE>
 void forward_lean(const StepParams& p) {
   using A = AccOf<T>;
   const Blocks bl(p, NOISE && p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
-  auto scratch = [&] { return Scratch<A>(bl.len, 0); };
-  for_each_block(p, bl, scratch, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
+  for_each_block<A>(p, bl, 0, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
     const SampleCoef<A> k = sample_coef<A>(p, b);
     const T* x = at_sample<const T>(p.in[In::X], b, s0);
     const T* m = at_sample<const T>(p.in[In::M], b, s0);
     T* y = at_sample<T>(p.out[Out::Y], b, s0);
     if (NOISE && p.noise == Noise::EXTERNAL) {
-      lean_forward_block<T, T>(x, m, at_sample<const T>(p.in[In::Z], b, s0), y, n, k);
+      cpu::lean_forward_block<T, T>(x, m, at_sample<const T>(p.in[In::Z], b, s0), y, n, k);
     } else if (NOISE) {
       block_noise(p, b, s0, n, w.zf.data(), w.tmp);
-      lean_forward_block<T, float>(x, m, w.zf.data(), y, n, k);
+      cpu::lean_forward_block<T, float>(x, m, w.zf.data(), y, n, k);
     } else {
-      lean_forward_block<T, void>(x, m, nullptr, y, n, k);
+      cpu::lean_forward_block<T, void>(x, m, nullptr, y, n, k);
     }
   });
 }
 
-template <typename T, int VAR>
+template <typename T>
 void forward_general(const StepParams& p) {
   using A = AccOf<T>;
   const Blocks bl(p, p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
-  const CpuFeatures<VAR> f(runtime_features(p));
-  enum { BX, BM, BMC, BV, BZ, BH, BY, BXH, BZERO, NBUF };
-  auto scratch = [&] { return Scratch<A>(bl.len, NBUF); };
-  for_each_block(p, bl, scratch, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
-    const A* zeros = w.buf(BZERO);
-    const SampleCoef<A> k = sample_coef<A>(p, b);
-    const A* x = load_block<T, A>(p.in[In::X], b, s0, n, w.buf(BX), zeros);
-    const A* M = load_block<T, A>(p.in[In::M], b, s0, n, w.buf(BM), zeros);
-    const A* MC = load_block<T, A>(p.in[In::MC], b, s0, n, w.buf(BMC), zeros);
-    const A* v = load_block<T, A>(p.in[In::V], b, s0, n, w.buf(BV), zeros);
-    const A* h = load_block<T, A>(p.in[In::H], b, s0, n, w.buf(BH), zeros);
-    const A* z = block_z<T, A>(p, b, s0, n, w, BZ, zeros);
-    A* y = out_block<T, A>(p.out[Out::Y], b, s0, w.buf(BY), w.buf(BY));
-    A* xh = out_block<T, A>(p.out[Out::X0], b, s0, w.buf(BXH), w.buf(BXH));
-    for (int64_t j = 0; j < n; ++j) {
-      A xhj = A(0);
-      const A mj = model_m(f, k, M[j], MC[j]);
-      y[j] = step_forward_elem(f, k, x[j], mj, v[j], z[j], h[j], &xhj);
-      xh[j] = xhj;
-    }
-    store_block<T, A>(p.out[Out::Y], b, s0, n, y);
-    store_block<T, A>(p.out[Out::X0], b, s0, n, xh);
+  const RuntimeFeatures rf = runtime_features(p);
+  enum { BZERO, BY, BXH, BZ, BIN, NBUF = BIN + NUM_IN };
+  with_var_xh(p, "step_forward_kernel", [&](auto var, auto xh) {
+    for_each_block<A>(p, bl, NBUF, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
+      const A* zeros = w.buf(BZERO);
+      const SampleCoef<A> k = sample_coef<A>(p, b);
+      const A* in[NUM_IN];
+      for (int i = 0; i < NUM_IN; ++i)
+        in[i] = i == In::Z ? zeros : load_block<T, A>(p.in[i], b, s0, n, w.buf(BIN + i), zeros);
+      const A* z = block_z<T, A>(p, b, s0, n, w, BZ, zeros);
+      A* y = w.buf(BY);
+      A* x0 = w.buf(BXH);
+      cpu::general_forward_block<A, decltype(var), decltype(xh)>(
+          &rf, &k, in[In::X], in[In::M], in[In::MC], in[In::V], in[In::H], z, y, x0, n);
+      store_block<T, A>(p.out[Out::Y], b, s0, n, y);
+      if (xh) store_block<T, A>(p.out[Out::X0], b, s0, n, x0);
+    });
   });
 }
 
@@ -424,12 +228,7 @@ void forward_kind(const StepParams& p) {
     FD_BOOL_SWITCH(noise, NOISE, [&] { forward_lean<T, NOISE>(p); return true; });
     return;
   }
-  switch (p.var) {
-    case Var::FIXED: return forward_general<T, Var::FIXED>(p);
-    case Var::SQRT: return forward_general<T, Var::SQRT>(p);
-    case Var::EXP: return forward_general<T, Var::EXP>(p);
-  }
-  TORCH_CHECK(false, "step_forward_kernel: unsupported variance mode ", p.var);
+  forward_general<T>(p);
 }
 
 // ------------------------------------------------------------------------------ backward
@@ -439,19 +238,18 @@ template <typename T>
 void backward_lean(const StepParams& p) {
   using A = AccOf<T>;
   const Blocks bl(p, false);
-  auto no_scratch = [] { return 0; };
-  for_each_block(p, bl, no_scratch, [&](int64_t b, int64_t s0, int64_t n, int) {
+  for_each_block<A>(p, bl, 0, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>&) {
     const SampleCoef<A> k = sample_coef<A>(p, b);
-    lean_backward_block(at_sample<const T>(p.grad_y, b, s0), at_sample<T>(p.grad[In::X], b, s0),
-                        at_sample<T>(p.grad[In::M], b, s0), n, k.c[Col::Q], k.c[Col::R]);
+    cpu::lean_backward_block(at_sample<const T>(p.grad_y, b, s0),
+                             at_sample<T>(p.grad[In::X], b, s0),
+                             at_sample<T>(p.grad[In::M], b, s0), n, k.c[Col::Q], k.c[Col::R]);
   });
 }
 
-template <typename T, int VAR>
+template <typename T>
 void backward_general(const StepParams& p) {
   using A = AccOf<T>;
   const RuntimeFeatures rf = runtime_features(p);
-  const CpuFeatures<VAR> f(rf);
   // Streams the gradients read (docs/kernels.md, "Backward").
   const bool need_xr = p.need_xh && p.clip != Clip::NONE;
   const bool s_term = rf.has(Col::S) && p.var != Var::FIXED;
@@ -461,43 +259,26 @@ void backward_general(const StepParams& p) {
   const bool need_x = need_xr && rf.has(Col::U);
   const bool need_m = need_xr && rf.has(Col::W);
   const Blocks bl(p, need_z && p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
-  enum { BGY, BG0, BX, BM, BMC, BV, BZ, GX, GM, GMC, GV, GZ, GH, BZERO, BSCRATCH, NBUF };
-  auto scratch = [&] { return Scratch<A>(bl.len, NBUF); };
-  for_each_block(p, bl, scratch, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
-    const A* zeros = w.buf(BZERO);
-    A* unused = w.buf(BSCRATCH);
-    const SampleCoef<A> k = sample_coef<A>(p, b);
-    const Stream none;
-    const A* gy = load_block<T, A>(p.grad_y, b, s0, n, w.buf(BGY), zeros);
-    const A* g0 = load_block<T, A>(p.grad_x0, b, s0, n, w.buf(BG0), zeros);
-    const A* x = load_block<T, A>(need_x ? p.in[In::X] : none, b, s0, n, w.buf(BX), zeros);
-    const A* M = load_block<T, A>(need_m ? p.in[In::M] : none, b, s0, n, w.buf(BM), zeros);
-    const A* MC = load_block<T, A>(need_m ? p.in[In::MC] : none, b, s0, n, w.buf(BMC), zeros);
-    const A* v = load_block<T, A>(need_v ? p.in[In::V] : none, b, s0, n, w.buf(BV), zeros);
-    const A* z = need_z ? block_z<T, A>(p, b, s0, n, w, BZ, zeros) : zeros;
-    A* gx = out_block<T, A>(p.grad[In::X], b, s0, w.buf(GX), unused);
-    A* gM = out_block<T, A>(p.grad[In::M], b, s0, w.buf(GM), unused);
-    A* gMC = out_block<T, A>(p.grad[In::MC], b, s0, w.buf(GMC), unused);
-    A* gv = out_block<T, A>(p.grad[In::V], b, s0, w.buf(GV), unused);
-    A* gz = out_block<T, A>(p.grad[In::Z], b, s0, w.buf(GZ), unused);
-    A* gh = out_block<T, A>(p.grad[In::H], b, s0, w.buf(GH), unused);
-    const A ga = f.guided ? k.ga : A(1);
-    for (int64_t j = 0; j < n; ++j) {
-      const A mj = model_m(f, k, M[j], MC[j]);
-      const ElemGrads<A> g = step_backward_elem(f, k, gy[j], g0[j], x[j], mj, v[j], z[j]);
-      gx[j] = g.x;
-      gM[j] = g.m * ga;
-      gMC[j] = g.m * k.gb;
-      gv[j] = g.v;
-      gz[j] = g.z;
-      gh[j] = g.h;
-    }
-    store_block<T, A>(p.grad[In::X], b, s0, n, gx);
-    store_block<T, A>(p.grad[In::M], b, s0, n, gM);
-    store_block<T, A>(p.grad[In::MC], b, s0, n, gMC);
-    store_block<T, A>(p.grad[In::V], b, s0, n, gv);
-    store_block<T, A>(p.grad[In::Z], b, s0, n, gz);
-    store_block<T, A>(p.grad[In::H], b, s0, n, gh);
+  enum { BGY, BG0, BX, BM, BMC, BV, BZ, BZERO, BGRAD, NBUF = BGRAD + NUM_IN };
+  with_var_xh(p, "step_backward_kernel", [&](auto var, auto xh) {
+    for_each_block<A>(p, bl, NBUF, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
+      const A* zeros = w.buf(BZERO);
+      const SampleCoef<A> k = sample_coef<A>(p, b);
+      const Stream none;
+      const A* gy = load_block<T, A>(p.grad_y, b, s0, n, w.buf(BGY), zeros);
+      const A* g0 = load_block<T, A>(p.grad_x0, b, s0, n, w.buf(BG0), zeros);
+      const A* x = load_block<T, A>(need_x ? p.in[In::X] : none, b, s0, n, w.buf(BX), zeros);
+      const A* M = load_block<T, A>(need_m ? p.in[In::M] : none, b, s0, n, w.buf(BM), zeros);
+      const A* MC = load_block<T, A>(need_m ? p.in[In::MC] : none, b, s0, n, w.buf(BMC), zeros);
+      const A* v = load_block<T, A>(need_v ? p.in[In::V] : none, b, s0, n, w.buf(BV), zeros);
+      const A* z = need_z ? block_z<T, A>(p, b, s0, n, w, BZ, zeros) : zeros;
+      A* g[NUM_IN];
+      for (int i = 0; i < NUM_IN; ++i) g[i] = w.buf(BGRAD + i);
+      cpu::general_backward_block<A, decltype(var), decltype(xh)>(
+          &rf, &k, gy, g0, x, M, MC, v, z, g[In::X], g[In::M], g[In::MC], g[In::V], g[In::Z],
+          g[In::H], n);
+      for (int i = 0; i < NUM_IN; ++i) store_block<T, A>(p.grad[i], b, s0, n, g[i]);
+    });
   });
 }
 
@@ -513,12 +294,7 @@ bool lean_backward(const StepParams& p) {
 template <typename T>
 void backward_kind(const StepParams& p) {
   if (lean_backward(p)) return backward_lean<T>(p);
-  switch (p.var) {
-    case Var::FIXED: return backward_general<T, Var::FIXED>(p);
-    case Var::SQRT: return backward_general<T, Var::SQRT>(p);
-    case Var::EXP: return backward_general<T, Var::EXP>(p);
-  }
-  TORCH_CHECK(false, "step_backward_kernel: unsupported variance mode ", p.var);
+  backward_general<T>(p);
 }
 
 // ------------------------------------------------------------------------------ noise ops
@@ -526,11 +302,14 @@ void backward_kind(const StepParams& p) {
 template <typename T>
 void normal_kind(const StepParams& p, const Stream& out) {
   const Blocks bl(p, p.layout == Layout::CHANNELS_LAST);
-  auto scratch = [&] { return Scratch<float>(bl.len, 0); };
-  for_each_block(p, bl, scratch, [&](int64_t b, int64_t s0, int64_t n, Scratch<float>& w) {
+  for_each_block<float>(p, bl, 0, [&](int64_t b, int64_t s0, int64_t n, Scratch<float>& w) {
     block_noise(p, b, s0, n, w.zf.data(), w.tmp);
     T* dst = at_sample<T>(out, b, s0);
-    for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<T>(w.zf[j]);
+    if constexpr (std::is_same<T, double>::value) {
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<double>(w.zf[j]);
+    } else {
+      store_block<T, float>(out, b, s0, n, w.zf.data());
+    }
   });
 }
 

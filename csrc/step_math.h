@@ -61,6 +61,13 @@ FD_HD double fd_fma(double a, double b, double c) {
   return std::fma(a, b, c);
 #endif
 }
+// min / max that return `a` itself when it is NaN (as torch.clamp in the reference): a
+// comparison with NaN is false.
+template <typename A>
+FD_HD A fd_min(A a, A b) { return b < a ? b : a; }
+template <typename A>
+FD_HD A fd_max(A a, A b) { return b > a ? b : a; }
+
 FD_HD float fd_sqrt(float a) {
 #if defined(__CUDA_ARCH__)
   return sqrtf(a);
@@ -75,13 +82,30 @@ FD_HD double fd_sqrt(double a) {
   return std::sqrt(a);
 #endif
 }
+// exp(a) in float32 (within 3 ulp). Host: a polynomial the CPU loops vectorise (std::exp is
+// a call per element): a = k ln 2 + r, |r| <= ln 2 / 2, exp(r) by a degree-6 Taylor
+// polynomial, times 2^(k-1) from the exponent bits, times 2 (so k = 128 overflows to inf
+// only where exp does). a is clamped to [-86, 89]: exp of anything lower is 2e-38 instead of
+// a denormal or 0; NaN stays NaN.
 FD_HD float fd_exp(float a) {
 #if defined(__CUDA_ARCH__)
   return __expf(a);
 #else
-  return std::exp(a);
+  const float x = fd_min(fd_max(a, -86.0f), 89.0f);
+  const float kb = fd_fma(x, 1.44269504088896341f, 12582912.0f);  // 1.5 2^23 + round(x / ln 2)
+  const float k = kb - 12582912.0f;
+  const float r = fd_fma(k, -1.42860677e-06f, fd_fma(k, -0.693145752f, x));
+  float p = 1.0f / 720;
+  p = fd_fma(p, r, 1.0f / 120);
+  p = fd_fma(p, r, 1.0f / 24);
+  p = fd_fma(p, r, 1.0f / 6);
+  p = fd_fma(p, r, 0.5f);
+  p = fd_fma(p, r, 1.0f);
+  p = fd_fma(p, r, 1.0f);
+  return (p * fd_float((fd_bits(kb) - 0x4B400000u + 126u) << 23)) * 2.0f;
 #endif
 }
+
 FD_HD double fd_exp(double a) {
 #if defined(__CUDA_ARCH__)
   return exp(a);
@@ -89,12 +113,6 @@ FD_HD double fd_exp(double a) {
   return std::exp(a);
 #endif
 }
-// min / max that return `a` itself when it is NaN (as torch.clamp in the reference): a
-// comparison with NaN is false.
-template <typename A>
-FD_HD A fd_min(A a, A b) { return b < a ? b : a; }
-template <typename A>
-FD_HD A fd_max(A a, A b) { return b > a ? b : a; }
 
 // ----------------------------------------------------------------------------- Philox4x32-10
 
@@ -355,6 +373,9 @@ FD_HD SampleCoef<A> sample_coef(const StepParams& p, int64_t b) {
 // What a launch computes, as the per-element functions below ask it: a runtime description
 // (RuntimeFeatures, decided once per launch) or compile-time constants (LeanFeatures), for
 // which the compiler removes every absent term.
+//
+// The functions below choose terms without branches: both candidates are computed and one is
+// selected (fd_select).
 struct RuntimeFeatures {
   int terms, clip, var;
   bool guided, need_xh;
@@ -371,14 +392,36 @@ struct LeanFeatures {
   FD_HD static constexpr bool has(int col) { return (terms >> col) & 1; }
 };
 
-// Does the launch need stream i (forward)?
-template <typename F>
-FD_HD bool needs_m(const F& f) { return f.has(Col::W) || f.has(Col::R); }
+// c ? a : b for a launch-wide c. On the host a bit blend: the compilers' vectorisers turn it
+// into vector ands and ors, where a conditional would stop them (they do not speculate the
+// float operations of the other side). On the GPU a select or predicated instruction.
+FD_HD float fd_select(bool c, float a, float b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const uint32_t m = 0u - static_cast<uint32_t>(c);
+  return fd_float((fd_bits(a) & m) | (fd_bits(b) & ~m));
+#endif
+}
+FD_HD double fd_select(bool c, double a, double b) {
+#if defined(__CUDA_ARCH__)
+  return c ? a : b;
+#else
+  const uint64_t m = 0ull - static_cast<uint64_t>(c);
+  uint64_t ua, ub;
+  std::memcpy(&ua, &a, 8);
+  std::memcpy(&ub, &b, 8);
+  const uint64_t r = (ua & m) | (ub & ~m);
+  double d;
+  std::memcpy(&d, &r, 8);
+  return d;
+#endif
+}
 
 // The model output m of one element.
 template <typename F, typename A>
 FD_HD A model_m(const F& f, const SampleCoef<A>& k, A M, A MC) {
-  return f.guided ? k.ga * M + k.gb * MC : M;
+  return fd_select(f.guided, k.ga * M + k.gb * MC, M);
 }
 
 // sigma of one element (Var mode).
@@ -397,7 +440,7 @@ FD_HD constexpr A empty_sum() { return A(-0.0); }
 // acc + c v if the launch computes the col-term, else acc (the term is left out).
 template <typename F, typename A>
 FD_HD A add_term(const F& f, int col, A acc, A c, A v) {
-  return f.has(col) ? acc + c * v : acc;
+  return fd_select(f.has(col), acc + c * v, acc);
 }
 
 // x̂0 before clipping: U x + W m + E z.
@@ -413,15 +456,14 @@ FD_HD A step_xr(const F& f, const SampleCoef<A>& k, A x, A m, A z) {
 // Clip mode applied to xr.
 template <typename F, typename A>
 FD_HD A step_clip(const F& f, const SampleCoef<A>& k, A xr) {
-  if (f.clip == Clip::NONE) return xr;
-  return fd_min(fd_max(xr, k.lo), k.hi) * k.inv;
+  return fd_select(f.clip == Clip::NONE, xr, fd_min(fd_max(xr, k.lo), k.hi) * k.inv);
 }
 
 // d x̂0 / d xr.
 template <typename F, typename A>
 FD_HD A step_dclip(const F& f, const SampleCoef<A>& k, A xr) {
-  if (f.clip == Clip::NONE) return A(1);
-  return (xr >= k.lo && xr <= k.hi) ? k.inv : A(0);
+  const A inside = ((xr >= k.lo) & (xr <= k.hi)) ? k.inv : A(0);  // & : no branch
+  return fd_select(f.clip == Clip::NONE, A(1), inside);
 }
 
 // One element forward: returns y; *xh receives x̂0 (only meaningful when f.need_xh).
@@ -447,23 +489,20 @@ struct ElemGrads {
 };
 template <typename F, typename A>
 FD_HD ElemGrads<A> step_backward_elem(const F& f, const SampleCoef<A>& k, A gy, A g0, A x,
-                                         A m, A v, A z) {
+                                      A m, A v, A z) {
   ElemGrads<A> g;
   A a = A(0);
-  if (f.need_xh) {
-    a = add_term(f, Col::P, g0, k.c[Col::P], gy);
-    if (f.clip != Clip::NONE) a = a * step_dclip(f, k, step_xr(f, k, x, m, z));
-  }
+  if (f.need_xh)  // a = (gy P + g0) dh; dh = 1 without clipping
+    a = add_term(f, Col::P, g0, k.c[Col::P], gy) * step_dclip(f, k, step_xr(f, k, x, m, z));
   g.x = add_term(f, Col::U, add_term(f, Col::Q, empty_sum<A>(), k.c[Col::Q], gy), k.c[Col::U], a);
   g.m = add_term(f, Col::W, add_term(f, Col::R, empty_sum<A>(), k.c[Col::R], gy), k.c[Col::W], a);
   const A sigma = sigma_of(f, k, v);
   g.z = add_term(f, Col::E, add_term(f, Col::S, empty_sum<A>(), sigma, gy), k.c[Col::E], a);
   g.h = add_term(f, Col::H, empty_sum<A>(), k.c[Col::H], gy);
-  g.v = A(0);
-  if (f.has(Col::S)) {
-    if (f.var == Var::SQRT) g.v = gy * z * k.c[Col::S] / (A(2) * fd_sqrt(v));
-    if (f.var == Var::EXP) g.v = gy * z * sigma * k.c[Col::VB];
-  }
+  A gv = A(0);
+  if (f.var == Var::SQRT) gv = gy * z * k.c[Col::S] / (A(2) * fd_sqrt(v));
+  if (f.var == Var::EXP) gv = gy * z * sigma * k.c[Col::VB];
+  g.v = fd_select(f.has(Col::S), gv, A(0));
   return g;
 }
 
