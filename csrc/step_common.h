@@ -39,18 +39,10 @@ inline const char* layout_name(int layout) {
 inline bool sample_dense(const at::Tensor& a, int layout) {
   const int64_t nd = a.dim();
   int64_t expected = 1;
-  if (layout == Layout::CONTIGUOUS) {
-    for (int64_t d = nd - 1; d >= 1; --d) {
-      if (a.size(d) != 1 && a.stride(d) != expected) return false;
-      expected *= a.size(d);
-    }
-    return true;
-  }
-  if (nd >= 2) {
-    if (a.size(1) != 1 && a.stride(1) != 1) return false;
-    expected = a.size(1);
-  }
-  for (int64_t d = nd - 1; d >= 2; --d) {
+  for (int64_t k = 1; k < nd; ++k) {  // the k-th innermost dim of a sample
+    // contiguous: the last dim first; channels_last: the channels, then the spatial dims
+    // from the last
+    const int64_t d = layout == Layout::CONTIGUOUS ? nd - k : (k == 1 ? 1 : nd + 1 - k);
     if (a.size(d) != 1 && a.stride(d) != expected) return false;
     expected *= a.size(d);
   }
