@@ -36,6 +36,17 @@
     }                                                                         \
   }()
 
+// The variance modes (contract Var).
+#define FD_VAR_SWITCH(VALUE, NAME, ...)                                       \
+  [&]() -> bool {                                                             \
+    switch (VALUE) {                                                          \
+      FD_SWITCH_CASE_(int, NAME, ::fused_ddpm::Var::FIXED, __VA_ARGS__)       \
+      FD_SWITCH_CASE_(int, NAME, ::fused_ddpm::Var::SQRT, __VA_ARGS__)        \
+      FD_SWITCH_CASE_(int, NAME, ::fused_ddpm::Var::EXP, __VA_ARGS__)         \
+      default: return false;                                                  \
+    }                                                                         \
+  }()
+
 // Where z comes from, with the layout folded in where it matters (in-kernel noise only):
 // NAME is one of the NoiseSrc values below.
 namespace fused_ddpm {

@@ -29,7 +29,7 @@ namespace {
 
 using cpu::AccOf;
 
-constexpr int64_t BLOCK = 1024;  // storage elements per block (a multiple of 4)
+constexpr int64_t BLOCK = 256;  // storage elements per block (a multiple of 4)
 // Elements per parallel task at least: smaller steps run on one thread, since waking
 // threads costs more than the work (and stalls whole steps on a busy machine).
 constexpr int64_t PARALLEL_GRAIN = 1 << 16;
@@ -99,6 +99,19 @@ T* at_sample(const Stream& s, int64_t b, int64_t s0) {
   return s.data ? static_cast<T*>(s.data) + b * s.batch_stride + s0 : nullptr;
 }
 
+// Asks for n elements at p into the cache ahead of use (write: about to be stored). Issued
+// for the next block before a block's noise is generated, so that the memory traffic of the
+// next block overlaps the noise arithmetic of this one instead of following it.
+template <typename T>
+void prefetch(const T* p, int64_t n, bool write) {
+  if (p == nullptr) return;
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) {
+    if (write) __builtin_prefetch(c + off, 1, 2);
+    else __builtin_prefetch(c + off, 0, 2);
+  }
+}
+
 // Stream s of block (b, s0, n) as compute-type values: the data itself when T is the compute
 // type, else converted into buf; an absent stream reads as zeros.
 template <typename T, typename A>
@@ -151,16 +164,14 @@ const A* block_z(const StepParams& p, int64_t b, int64_t s0, int64_t n, Scratch<
   }
 }
 
-// Runs fn with the variance mode and the x̂0 need as compile-time constants.
+// Runs fn(var, xh) with the variance mode and the x̂0 need as std::integral_constants.
 template <typename Fn>
 void with_var_xh(const StepParams& p, const char* op, Fn&& fn) {
   const bool known = FD_BOOL_SWITCH(p.need_xh, XH, [&] {
-    switch (p.var) {
-      case Var::FIXED: fn(std::integral_constant<int, Var::FIXED>(), std::bool_constant<XH>()); return true;
-      case Var::SQRT: fn(std::integral_constant<int, Var::SQRT>(), std::bool_constant<XH>()); return true;
-      case Var::EXP: fn(std::integral_constant<int, Var::EXP>(), std::bool_constant<XH>()); return true;
-    }
-    return false;
+    return FD_VAR_SWITCH(p.var, VAR, [&] {
+      fn(std::integral_constant<int, VAR>(), std::bool_constant<XH>());
+      return true;
+    });
   });
   TORCH_CHECK(known, op, ": unsupported variance mode ", p.var);
 }
@@ -177,6 +188,12 @@ void forward_lean(const StepParams& p) {
     const T* x = at_sample<const T>(p.in[In::X], b, s0);
     const T* m = at_sample<const T>(p.in[In::M], b, s0);
     T* y = at_sample<T>(p.out[Out::Y], b, s0);
+    if (NOISE && p.noise == Noise::PHILOX && s0 + n < p.N) {
+      const int64_t next = std::min(bl.len, p.N - s0 - n);
+      prefetch(x + n, next, false);
+      prefetch(m + n, next, false);
+      prefetch(y + n, next, true);
+    }
     if (NOISE && p.noise == Noise::EXTERNAL) {
       cpu::lean_forward_block<T, T>(x, m, at_sample<const T>(p.in[In::Z], b, s0), y, n, k);
     } else if (NOISE) {
