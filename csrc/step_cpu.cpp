@@ -138,16 +138,6 @@ void store_block(const Stream& s, int64_t b, int64_t s0, int64_t n, const A* buf
   }
 }
 
-RuntimeFeatures runtime_features(const StepParams& p) {
-  RuntimeFeatures rf;
-  rf.terms = p.terms;
-  rf.clip = p.clip;
-  rf.var = p.var;
-  rf.guided = p.guided;
-  rf.need_xh = p.need_xh;
-  return rf;
-}
-
 // The z of a block as compute-type values: in-kernel normals, the Z stream, or zeros.
 template <typename T, typename A>
 const A* block_z(const StepParams& p, int64_t b, int64_t s0, int64_t n, Scratch<A>& w,
@@ -229,19 +219,10 @@ void forward_general(const StepParams& p) {
   });
 }
 
-// The lean loops apply when the launch is exactly their step.
-bool lean_forward(const StepParams& p, bool* noise) {
-  const int qr = (1 << Col::Q) | (1 << Col::R);
-  *noise = p.noise != Noise::NONE && ((p.terms >> Col::S) & 1);
-  const int want = qr | (*noise ? (1 << Col::S) : 0);
-  return !p.need_xh && !p.guided && p.var == Var::FIXED && p.out[Out::X0].data == nullptr &&
-         (p.terms & (qr | (1 << Col::S) | (1 << Col::H))) == want;
-}
-
 template <typename T>
 void forward_kind(const StepParams& p) {
   bool noise = false;
-  if (lean_forward(p, &noise)) {
+  if (is_lean_forward(p, &noise)) {
     FD_BOOL_SWITCH(noise, NOISE, [&] { forward_lean<T, NOISE>(p); return true; });
     return;
   }
@@ -267,15 +248,9 @@ template <typename T>
 void backward_general(const StepParams& p) {
   using A = AccOf<T>;
   const RuntimeFeatures rf = runtime_features(p);
-  // Streams the gradients read (docs/kernels.md, "Backward").
-  const bool need_xr = p.need_xh && p.clip != Clip::NONE;
-  const bool s_term = rf.has(Col::S) && p.var != Var::FIXED;
-  const bool want_v = s_term && p.grad[In::V].data != nullptr;
-  const bool need_v = s_term && (want_v || p.grad[In::Z].data != nullptr);
-  const bool need_z = (need_xr && rf.has(Col::E)) || want_v;
-  const bool need_x = need_xr && rf.has(Col::U);
-  const bool need_m = need_xr && rf.has(Col::W);
-  const Blocks bl(p, need_z && p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
+  const BackwardReads reads =
+      backward_reads(rf, p.grad[In::V].data != nullptr, p.grad[In::Z].data != nullptr);
+  const Blocks bl(p, reads.z && p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
   enum { BGY, BG0, BX, BM, BMC, BV, BZ, BZERO, BGRAD, NBUF = BGRAD + NUM_IN };
   with_var_xh(p, "step_backward_kernel", [&](auto var, auto xh) {
     for_each_block<A>(p, bl, NBUF, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
@@ -284,11 +259,11 @@ void backward_general(const StepParams& p) {
       const Stream none;
       const A* gy = load_block<T, A>(p.grad_y, b, s0, n, w.buf(BGY), zeros);
       const A* g0 = load_block<T, A>(p.grad_x0, b, s0, n, w.buf(BG0), zeros);
-      const A* x = load_block<T, A>(need_x ? p.in[In::X] : none, b, s0, n, w.buf(BX), zeros);
-      const A* M = load_block<T, A>(need_m ? p.in[In::M] : none, b, s0, n, w.buf(BM), zeros);
-      const A* MC = load_block<T, A>(need_m ? p.in[In::MC] : none, b, s0, n, w.buf(BMC), zeros);
-      const A* v = load_block<T, A>(need_v ? p.in[In::V] : none, b, s0, n, w.buf(BV), zeros);
-      const A* z = need_z ? block_z<T, A>(p, b, s0, n, w, BZ, zeros) : zeros;
+      const A* x = load_block<T, A>(reads.x ? p.in[In::X] : none, b, s0, n, w.buf(BX), zeros);
+      const A* M = load_block<T, A>(reads.m ? p.in[In::M] : none, b, s0, n, w.buf(BM), zeros);
+      const A* MC = load_block<T, A>(reads.m ? p.in[In::MC] : none, b, s0, n, w.buf(BMC), zeros);
+      const A* v = load_block<T, A>(reads.v ? p.in[In::V] : none, b, s0, n, w.buf(BV), zeros);
+      const A* z = reads.z ? block_z<T, A>(p, b, s0, n, w, BZ, zeros) : zeros;
       A* g[NUM_IN];
       for (int i = 0; i < NUM_IN; ++i) g[i] = w.buf(BGRAD + i);
       cpu::general_backward_block<A, decltype(var), decltype(xh)>(
@@ -299,18 +274,9 @@ void backward_general(const StepParams& p) {
   });
 }
 
-bool lean_backward(const StepParams& p) {
-  const int qr = (1 << Col::Q) | (1 << Col::R);
-  if (p.need_xh || p.guided || p.var != Var::FIXED || (p.terms & qr) != qr) return false;
-  if (p.grad[In::X].data == nullptr || p.grad[In::M].data == nullptr) return false;
-  for (int i : {In::MC, In::V, In::Z, In::H})
-    if (p.grad[i].data != nullptr) return false;
-  return true;
-}
-
 template <typename T>
 void backward_kind(const StepParams& p) {
-  if (lean_backward(p)) return backward_lean<T>(p);
+  if (is_lean_backward(p)) return backward_lean<T>(p);
   backward_general<T>(p);
 }
 

@@ -1,6 +1,6 @@
 // x86 SIMD vector types for the CPU noise code (noise_cpu.cpp): 16 lanes (AVX-512F) and 8 lanes
 // (AVX2 + FMA) of float / int32, with the primitive names the generic math of step_math.h
-// uses (fma_, fms_, fnma_, sqrt_, as_int, as_float, to_float, sra_, shl_, operators). Every function carries
+// uses (fma_, fms_, sqrt_, as_int, as_float, to_float, sra_, shl_, operators). Every function carries
 // its ISA's target attribute, so this header compiles with the default flags; the callers are
 // ISA entry points marked FD_FLATTEN, which inlines the generic templates and these
 // primitives into one function of that ISA.
@@ -42,7 +42,6 @@ FD_AVX512 inline F16 operator-(F16 a, F16 b) { return F16(_mm512_sub_ps(a.v, b.v
 FD_AVX512 inline F16 operator*(F16 a, F16 b) { return F16(_mm512_mul_ps(a.v, b.v)); }
 FD_AVX512 inline F16 fma_(F16 a, F16 b, F16 c) { return F16(_mm512_fmadd_ps(a.v, b.v, c.v)); }
 FD_AVX512 inline F16 fms_(F16 a, F16 b, F16 c) { return F16(_mm512_fmsub_ps(a.v, b.v, c.v)); }
-FD_AVX512 inline F16 fnma_(F16 a, F16 b, F16 c) { return F16(_mm512_fnmadd_ps(a.v, b.v, c.v)); }
 FD_AVX512 inline F16 sqrt_(F16 a) { return F16(_mm512_sqrt_ps(a.v)); }
 FD_AVX512 inline I16 as_int(F16 a) { return I16(_mm512_castps_si512(a.v)); }
 FD_AVX512 inline F16 as_float(I16 a) { return F16(_mm512_castsi512_ps(a.v)); }
@@ -74,7 +73,6 @@ FD_AVX2 inline F8 operator-(F8 a, F8 b) { return F8(_mm256_sub_ps(a.v, b.v)); }
 FD_AVX2 inline F8 operator*(F8 a, F8 b) { return F8(_mm256_mul_ps(a.v, b.v)); }
 FD_AVX2 inline F8 fma_(F8 a, F8 b, F8 c) { return F8(_mm256_fmadd_ps(a.v, b.v, c.v)); }
 FD_AVX2 inline F8 fms_(F8 a, F8 b, F8 c) { return F8(_mm256_fmsub_ps(a.v, b.v, c.v)); }
-FD_AVX2 inline F8 fnma_(F8 a, F8 b, F8 c) { return F8(_mm256_fnmadd_ps(a.v, b.v, c.v)); }
 FD_AVX2 inline F8 sqrt_(F8 a) { return F8(_mm256_sqrt_ps(a.v)); }
 FD_AVX2 inline I8 as_int(F8 a) { return I8(_mm256_castps_si256(a.v)); }
 FD_AVX2 inline F8 as_float(I8 a) { return F8(_mm256_castsi256_ps(a.v)); }

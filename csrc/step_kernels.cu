@@ -278,24 +278,20 @@ __device__ __forceinline__ void forward_tile(const StepParams& p, const F& f,
 template <int KIND, int NZ, int E, bool VEC, bool STRIDED, bool ALIGNED, typename I>
 __device__ __forceinline__ void backward_tile(const StepParams& p, const RuntimeFeatures& f,
                                               const Sample<KIND>& s, const Tile<I>& t) {
-  // Streams the gradients read (docs/kernels.md, "Backward").
-  const bool need_xr = f.need_xh && f.clip != Clip::NONE;
-  const bool s_term = f.has(Col::S) && f.var != Var::FIXED;
-  const bool want_v = s_term && s.grad[In::V] != nullptr;
-  const bool need_v = s_term && (want_v || s.grad[In::Z] != nullptr);
-  const bool need_z = (need_xr && f.has(Col::E)) || want_v;
+  const BackwardReads reads =
+      backward_reads(f, s.grad[In::V] != nullptr, s.grad[In::Z] != nullptr);
   float gy[E], g0[E], x[E], M[E], MC[E], v[E], z[E];
 #pragma unroll
   for (int k = 0; k < E; ++k) gy[k] = g0[k] = x[k] = M[k] = MC[k] = v[k] = z[k] = 0.0f;
   load_tile<KIND, E, VEC, STRIDED>(s.gy, t, gy);
   if (s.g0 != nullptr) load_tile<KIND, E, VEC, STRIDED>(s.g0, t, g0);
-  if (need_xr && f.has(Col::U)) load_tile<KIND, E, VEC, STRIDED>(s.in[In::X], t, x);
-  if (need_xr && f.has(Col::W)) {
+  if (reads.x) load_tile<KIND, E, VEC, STRIDED>(s.in[In::X], t, x);
+  if (reads.m) {
     load_tile<KIND, E, VEC, STRIDED>(s.in[In::M], t, M);
     if (f.guided) load_tile<KIND, E, VEC, STRIDED>(s.in[In::MC], t, MC);
   }
-  if (need_v) load_tile<KIND, E, VEC, STRIDED>(s.in[In::V], t, v);
-  if (need_z) {
+  if (reads.v) load_tile<KIND, E, VEC, STRIDED>(s.in[In::V], t, v);
+  if (reads.z) {
     if (NZ == NZ_EXTERNAL) load_tile<KIND, E, VEC, STRIDED>(s.in[In::Z], t, z);
     if (NZ == NZ_PHILOX || NZ == NZ_PHILOX_CL) tile_normals<KIND, E, ALIGNED>(s, t.i0, p.noise_stream, z);
   }
@@ -374,13 +370,7 @@ struct FeaturesOf {
 template <>
 struct FeaturesOf<RuntimeFeatures> {
   static __device__ __forceinline__ RuntimeFeatures get(const StepParams& p) {
-    RuntimeFeatures f;
-    f.terms = p.terms;
-    f.clip = p.clip;
-    f.var = p.var;
-    f.guided = p.guided;
-    f.need_xh = p.need_xh;
-    return f;
+    return runtime_features(p);
   }
 };
 
@@ -553,22 +543,6 @@ bool streams_aligned(const StepParams& p) {
   return ok;
 }
 
-// The lean step and its backward (docs in the header comment).
-bool lean_forward(const StepParams& p) {
-  const int qr = (1 << Col::Q) | (1 << Col::R);
-  const bool z = p.noise != Noise::NONE && ((p.terms >> Col::S) & 1);
-  const int want = qr | (z ? (1 << Col::S) : 0);
-  return !p.need_xh && !p.guided && p.var == Var::FIXED && p.out[Out::X0].data == nullptr &&
-         (p.terms & (qr | (1 << Col::S) | (1 << Col::H))) == want;
-}
-bool lean_backward(const StepParams& p) {
-  const int qr = (1 << Col::Q) | (1 << Col::R);
-  if (p.need_xh || p.guided || p.var != Var::FIXED || (p.terms & qr) != qr) return false;
-  if (p.grad[In::X].data == nullptr || p.grad[In::M].data == nullptr) return false;
-  return p.grad[In::MC].data == nullptr && p.grad[In::V].data == nullptr &&
-         p.grad[In::Z].data == nullptr && p.grad[In::H].data == nullptr;
-}
-
 template <typename K>
 cudaError_t launch(K kernel, int* per_sm, const StepParams& p, int64_t tiles, bool vec,
                    cudaStream_t stream) {
@@ -631,16 +605,17 @@ cudaError_t launch_step(const StepParams& p, int nz, bool lean, cudaStream_t str
 }  // namespace
 
 cudaError_t launch_step_forward(const StepParams& p, cudaStream_t stream) {
-  return launch_step<true>(p, noise_src(p.noise, p.layout), lean_forward(p), stream);
+  bool noise = false;
+  return launch_step<true>(p, noise_src(p.noise, p.layout), is_lean_forward(p, &noise), stream);
 }
 
 cudaError_t launch_step_backward(const StepParams& p, cudaStream_t stream) {
-  // Backward regenerates z only for a clipped E term or a variance gradient.
-  const bool s_term = ((p.terms >> Col::S) & 1) && p.var != Var::FIXED;
-  const bool need_z = (p.need_xh && p.clip != Clip::NONE && ((p.terms >> Col::E) & 1)) ||
-                      (s_term && p.grad[In::V].data != nullptr);
-  const int nz = need_z ? noise_src(p.noise, p.layout) : (p.noise == Noise::EXTERNAL ? NZ_EXTERNAL : NZ_NONE);
-  return launch_step<false>(p, nz, lean_backward(p), stream);
+  // z is read (or regenerated) only for a clipped E term or a variance gradient.
+  const bool need_z = backward_reads(runtime_features(p), p.grad[In::V].data != nullptr,
+                                     p.grad[In::Z].data != nullptr).z;
+  const int nz = need_z ? noise_src(p.noise, p.layout)
+                        : (p.noise == Noise::EXTERNAL ? NZ_EXTERNAL : NZ_NONE);
+  return launch_step<false>(p, nz, is_lean_backward(p), stream);
 }
 
 cudaError_t launch_philox_normal(const StepParams& p, const Stream& out, cudaStream_t stream) {

@@ -195,7 +195,6 @@ FD_HD float as_float(int32_t i) { return fd_float(static_cast<uint32_t>(i)); }
 FD_HD float to_float(int32_t i) { return static_cast<float>(i); }
 FD_HD float fma_(float a, float b, float c) { return fd_fma(a, b, c); }
 FD_HD float fms_(float a, float b, float c) { return fd_fma(a, b, -c); }   // a b - c
-FD_HD float fnma_(float a, float b, float c) { return fd_fma(-a, b, c); }  // c - a b
 FD_HD float sqrt_(float a) { return fd_sqrt(a); }
 
 FD_HD int32_t sra_(int32_t i, int n) { return i >> n; }  // arithmetic (two's complement)
@@ -261,7 +260,7 @@ FD_HD V log_accurate(const V& u) {
   return hi + (hi_err + fma_(e, V(1.428606765330187e-06f), tail));
 }
 
-// sin and cos of theta in [0, 2 pi + 1], accurate (abs error < 5e-8, within one float32 ulp of
+// sin and cos of theta in [0, 2 pi + 1], accurate (abs error <= 5.2e-8, within one float32 ulp of
 // PyTorch's): quadrant k = round(theta 2/pi), r = theta - k pi/2 in three parts (the first
 // exact), odd/even minimax polynomials on [-pi/4, pi/4], then swap and sign by k's bits.
 template <typename V, typename VI>
@@ -382,6 +381,16 @@ struct RuntimeFeatures {
   FD_HD bool has(int col) const { return (terms >> col) & 1; }
 };
 
+FD_HD RuntimeFeatures runtime_features(const StepParams& p) {
+  RuntimeFeatures f;
+  f.terms = p.terms;
+  f.clip = p.clip;
+  f.var = p.var;
+  f.guided = p.guided;
+  f.need_xh = p.need_xh;
+  return f;
+}
+
 // The step the lean kernels are specialised for (DDPM/DDIM without clipping, fixed variance,
 // no guidance, no x̂0 output): y = Q x + R m (+ S z). NOISE: does the launch have z.
 template <bool NOISE>
@@ -416,6 +425,41 @@ FD_HD double fd_select(bool c, double a, double b) {
   std::memcpy(&d, &r, 8);
   return d;
 #endif
+}
+
+// The streams a backward launch reads besides grad_y / grad_x0 (docs/kernels.md, "Backward"):
+// x, m and z only for the clip's d x̂0 / d xr, v for sigma, z also for the variance gradient.
+struct BackwardReads {
+  bool x, m, v, z;
+};
+FD_HD BackwardReads backward_reads(const RuntimeFeatures& f, bool want_grad_v, bool want_grad_z) {
+  const bool xr = f.need_xh && f.clip != Clip::NONE;
+  const bool s_term = f.has(Col::S) && f.var != Var::FIXED;
+  BackwardReads r;
+  r.x = xr && f.has(Col::U);
+  r.m = xr && f.has(Col::W);
+  r.v = s_term && (want_grad_v || want_grad_z);
+  r.z = (xr && f.has(Col::E)) || (s_term && want_grad_v);
+  return r;
+}
+
+// Is a forward launch exactly the lean step y = Q x + R m (+ S z) (LeanFeatures<*noise>):
+// no x̂0, no guidance, fixed variance, no H term? Decided on the host, once per launch.
+inline bool is_lean_forward(const StepParams& p, bool* noise) {
+  const int qr = (1 << Col::Q) | (1 << Col::R);
+  *noise = p.noise != Noise::NONE && ((p.terms >> Col::S) & 1);
+  const int want = qr | (*noise ? (1 << Col::S) : 0);
+  return !p.need_xh && !p.guided && p.var == Var::FIXED && p.out[Out::X0].data == nullptr &&
+         (p.terms & (qr | (1 << Col::S) | (1 << Col::H))) == want;
+}
+
+// Is a backward launch the lean one: grad x = Q gy and grad m = R gy wanted, nothing else?
+inline bool is_lean_backward(const StepParams& p) {
+  const int qr = (1 << Col::Q) | (1 << Col::R);
+  if (p.need_xh || p.guided || p.var != Var::FIXED || (p.terms & qr) != qr) return false;
+  if (p.grad[In::X].data == nullptr || p.grad[In::M].data == nullptr) return false;
+  return p.grad[In::MC].data == nullptr && p.grad[In::V].data == nullptr &&
+         p.grad[In::Z].data == nullptr && p.grad[In::H].data == nullptr;
 }
 
 // The model output m of one element.
