@@ -1,9 +1,10 @@
-// x86 SIMD vector types for the CPU noise code (noise_cpu.cpp): 16 lanes (AVX-512F) and 8 lanes
-// (AVX2 + FMA) of float / int32, with the primitive names the generic math of step_math.h
-// uses (fma_, fms_, sqrt_, as_int, as_float, to_float, sra_, shl_, operators). Every function carries
-// its ISA's target attribute, so this header compiles with the default flags; the callers are
-// ISA entry points marked FD_FLATTEN, which inlines the generic templates and these
-// primitives into one function of that ISA.
+// x86 SIMD for the CPU kernels: the ISA attributes of the per-ISA copies (FD_AVX512, FD_AVX2,
+// FD_FLATTEN; used by noise_cpu.cpp and step_cpu_loops.h), and the vector types of the noise
+// code -- 16 lanes (AVX-512F) and 8 lanes (AVX2 + FMA) of float / int32 with the primitive
+// names the generic math of step_math.h uses (fma_, fms_, sqrt_, as_int, as_float, to_float,
+// sra_, shl_, operators). Every function carries its ISA's target attribute, so this header
+// compiles with the default flags; the callers are ISA entry points marked FD_FLATTEN, which
+// inlines the generic templates and these primitives into one function of that ISA.
 #pragma once
 
 #if defined(__x86_64__) && (defined(__GNUC__) || defined(__clang__))
@@ -14,8 +15,10 @@
 // For the whole translation unit (the warnings are reported where the inlined helpers are
 // instantiated): vector arguments of inlined helpers, and GCC 12's false "may be used
 // uninitialized" in its own AVX-512 intrinsics headers.
+#if !defined(__clang__)
 #pragma GCC diagnostic ignored "-Wpsabi"
 #pragma GCC diagnostic ignored "-Wmaybe-uninitialized"
+#endif
 
 #define FD_AVX512 __attribute__((target("avx512f,avx512bw,avx2,fma,f16c,bmi2,popcnt")))
 #define FD_AVX2 __attribute__((target("avx2,fma,f16c,bmi2,popcnt")))
