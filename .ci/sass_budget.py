@@ -19,7 +19,7 @@ issuing one warp instruction -- 32 threads -- per cycle at 1.98 GHz):
 Memory floor at 4.25 TB/s copy bandwidth (read + write): fp32 3 passes 142 us (4 passes with
 an external noise tensor: 190 us), fp16/bf16 half of that.
 
-Triton rows (TK's .ci/triton_sass.py): unless --no-triton, when that module exists its
+Triton rows (.ci/triton_sass.py, the Triton kernels' counter): unless --no-triton, when that module exists its
 ``measure(arch=90)`` rows are added to the table and its ``failures(rows)`` decide their
 pass/fail; ``--triton-json FILE`` reads rows written by ``python .ci/triton_sass.py --json
 FILE`` instead of compiling. A row is a dict with at least: backend, variant, kind
@@ -227,7 +227,7 @@ def cuda_rows(obj: Path, cuobjdump: str, verbose: bool) -> List[dict]:
     return rows
 
 
-# TK's kinds -> the budget categories here
+# triton_sass.py's kinds -> the budget categories here
 TRITON_KIND = {"noise": "philox", "external": "external", "backward": "backward",
                "cl_noise": "philox_cl", None: None}
 
@@ -249,7 +249,7 @@ def triton_rows(json_path: Optional[str], skip: bool) -> Tuple[List[dict], List[
         raw = mod.measure(arch=90)
     else:
         return [], []
-    # TK's own verdicts (errors, and its reading of the budgets); the budgets are applied to
+    # triton_sass.py's own verdicts (errors, its reading of the budgets); the budgets are applied to
     # every row below as well
     fails = list(mod.failures(raw)) if mod is not None else [
         f"{r['variant']}: {r['error']}" for r in raw if "error" in r]
