@@ -19,13 +19,13 @@ issuing one warp instruction -- 32 threads -- per cycle at 1.98 GHz):
 Memory floor at 4.25 TB/s copy bandwidth (read + write): fp32 3 passes 142 us (4 passes with
 an external noise tensor: 190 us), fp16/bf16 half of that.
 
-Triton rows (.ci/triton_sass.py, the Triton kernels' counter): unless --no-triton, when that module exists its
-``measure(arch=90)`` rows are added to the table and its ``failures(rows)`` decide their
-pass/fail; ``--triton-json FILE`` reads rows written by ``python .ci/triton_sass.py --json
-FILE`` instead of compiling. A row is a dict with at least: backend, variant, kind
-("noise" | "external" | "backward" | "cl_noise", None: information only), dtype, budget,
-regs, instr_per_elem, spill_st, spill_ld, stack, wide_ok (every data access 128-bit), or
-"error".
+Triton rows (.ci/triton_sass.py, the Triton kernels' counter): unless --no-triton, when that
+module exists its ``measure(arch=90)`` rows are added to the table and its
+``failures(rows)`` decide their pass/fail as well; ``--triton-json FILE`` reads rows written
+by ``python .ci/triton_sass.py --json FILE`` instead of compiling. A row is a dict with at
+least: backend, variant, kind ("noise" | "external" | "backward" | "cl_noise"; None:
+information only), dtype, budget, regs, instr_per_elem, spill_st, spill_ld, stack, wide_ok
+(every data access 128-bit), or "error".
 
 Usage: python .ci/sass_budget.py [--obj step_kernels_sm90.o] [--triton-json rows.json |
                                  --no-triton] [--cuda-home DIR] [--keep DIR] [--verbose]
