@@ -176,7 +176,8 @@ def main_path(code, nz: int) -> Tuple[float, List[str], str]:
         per = len(ins) / CL_CHUNK + extra / (CL_CHUNK * CL_CHANNELS)
         return per, ins, (f"channel loop {hex(r[0])}-{hex(r[1])}: {len(ins)} / {CL_CHUNK} + "
                           f"tile loop rest {extra} / ({CL_CHUNK}x{CL_CHANNELS} channels)")
-    return len(ins) / LEAN_ELEMS, ins, f"tile loop {hex(r[0])}-{hex(r[1])}: {len(ins)} / {LEAN_ELEMS}"
+    where = f"tile loop {hex(r[0])}-{hex(r[1])}: {len(ins)} / {LEAN_ELEMS}"
+    return len(ins) / LEAN_ELEMS, ins, where
 
 
 def demangle(name: str) -> Optional[Tuple[str, List[int]]]:

@@ -64,8 +64,10 @@ FD_AVX512 FD_FLATTEN void normals_avx512(uint64_t seed, uint32_t t, uint32_t str
   const __m512i even = _mm512_set_epi32(30, 28, 26, 24, 22, 20, 18, 16, 14, 12, 10, 8, 6, 4, 2, 0);
   const __m512i odd = _mm512_set_epi32(31, 29, 27, 25, 23, 21, 19, 17, 15, 13, 11, 9, 7, 5, 3, 1);
   // output order: element 4g + j of the 8 groups from zc (cos: j = 0, 2) and zs (sin: j = 1, 3)
-  const __m512i out_lo = _mm512_set_epi32(27, 11, 19, 3, 26, 10, 18, 2, 25, 9, 17, 1, 24, 8, 16, 0);
-  const __m512i out_hi = _mm512_set_epi32(31, 15, 23, 7, 30, 14, 22, 6, 29, 13, 21, 5, 28, 12, 20, 4);
+  const __m512i out_lo =
+      _mm512_set_epi32(27, 11, 19, 3, 26, 10, 18, 2, 25, 9, 17, 1, 24, 8, 16, 0);
+  const __m512i out_hi =
+      _mm512_set_epi32(31, 15, 23, 7, 30, 14, 22, 6, 29, 13, 21, 5, 28, 12, 20, 4);
   // Two independent batches of 8 groups per iteration: the 10 dependent rounds of one batch
   // are a long latency chain, the other batch fills its gaps.
   float tail[64];

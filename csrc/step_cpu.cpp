@@ -142,7 +142,8 @@ void store_block(const Stream& s, int64_t b, int64_t s0, int64_t n, const A* buf
 template <typename T, typename A>
 const A* block_z(const StepParams& p, int64_t b, int64_t s0, int64_t n, Scratch<A>& w,
                  int zbuf, const A* zeros) {
-  if (p.noise == Noise::EXTERNAL) return load_block<T, A>(p.in[In::Z], b, s0, n, w.buf(zbuf), zeros);
+  if (p.noise == Noise::EXTERNAL)
+    return load_block<T, A>(p.in[In::Z], b, s0, n, w.buf(zbuf), zeros);
   if (p.noise != Noise::PHILOX) return zeros;
   block_noise(p, b, s0, n, w.zf.data(), w.tmp);
   if constexpr (std::is_same<A, float>::value) {

@@ -54,7 +54,9 @@ FD_AVX512 inline I16 operator-(I16 a, I16 b) { return I16(_mm512_sub_epi32(a.v, 
 FD_AVX512 inline I16 operator&(I16 a, I16 b) { return I16(_mm512_and_si512(a.v, b.v)); }
 FD_AVX512 inline I16 operator|(I16 a, I16 b) { return I16(_mm512_or_si512(a.v, b.v)); }
 FD_AVX512 inline I16 operator^(I16 a, I16 b) { return I16(_mm512_xor_si512(a.v, b.v)); }
-FD_AVX512 inline I16 operator~(I16 a) { return I16(_mm512_ternarylogic_epi32(a.v, a.v, a.v, 0x55)); }
+FD_AVX512 inline I16 operator~(I16 a) {
+  return I16(_mm512_ternarylogic_epi32(a.v, a.v, a.v, 0x55));
+}
 FD_AVX512 inline I16 sra_(I16 a, int n) { return I16(_mm512_srai_epi32(a.v, n)); }
 FD_AVX512 inline I16 shl_(I16 a, int n) { return I16(_mm512_slli_epi32(a.v, n)); }
 

@@ -240,7 +240,8 @@ __device__ __forceinline__ void tile_normals(const Sample<KIND>& s, I i0, uint32
       group_normals(s, static_cast<uint64_t>(i0 >> 2) + 1, stream, z2);
       const float all[8] = {z[0], z[1], z[2], z[3], z2[0], z2[1], z2[2], z2[3]};
 #pragma unroll
-      for (int q = 0; q < 4; ++q) z[q] = off == 1 ? all[q + 1] : (off == 2 ? all[q + 2] : all[q + 3]);
+      for (int q = 0; q < 4; ++q)
+        z[q] = off == 1 ? all[q + 1] : (off == 2 ? all[q + 2] : all[q + 3]);
     }
   }
 }
@@ -262,7 +263,8 @@ __device__ __forceinline__ void forward_tile(const StepParams& p, const F& f,
   if (f.has(Col::H)) load_tile<KIND, E, VEC, STRIDED>(s.in[In::H], t, h);
   if (reads_z(f)) {
     if (NZ == NZ_EXTERNAL) load_tile<KIND, E, VEC, STRIDED>(s.in[In::Z], t, z);
-    if (NZ == NZ_PHILOX || NZ == NZ_PHILOX_CL) tile_normals<KIND, E, ALIGNED>(s, t.i0, p.noise_stream, z);
+    if (NZ == NZ_PHILOX || NZ == NZ_PHILOX_CL)
+      tile_normals<KIND, E, ALIGNED>(s, t.i0, p.noise_stream, z);
   }
   float y[E], xh[E];
 #pragma unroll
@@ -272,7 +274,8 @@ __device__ __forceinline__ void forward_tile(const StepParams& p, const F& f,
     y[k] = step_forward_elem(f, s.k, x[k], m, v[k], z[k], h[k], &xh[k]);
   }
   store_tile<KIND, E, VEC, STRIDED>(s.out[Out::Y], t, y);
-  if (f.need_xh && s.out[Out::X0] != nullptr) store_tile<KIND, E, VEC, STRIDED>(s.out[Out::X0], t, xh);
+  if (f.need_xh && s.out[Out::X0] != nullptr)
+    store_tile<KIND, E, VEC, STRIDED>(s.out[Out::X0], t, xh);
 }
 
 template <int KIND, int NZ, int E, bool VEC, bool STRIDED, bool ALIGNED, typename I>
@@ -293,7 +296,8 @@ __device__ __forceinline__ void backward_tile(const StepParams& p, const Runtime
   if (reads.v) load_tile<KIND, E, VEC, STRIDED>(s.in[In::V], t, v);
   if (reads.z) {
     if (NZ == NZ_EXTERNAL) load_tile<KIND, E, VEC, STRIDED>(s.in[In::Z], t, z);
-    if (NZ == NZ_PHILOX || NZ == NZ_PHILOX_CL) tile_normals<KIND, E, ALIGNED>(s, t.i0, p.noise_stream, z);
+    if (NZ == NZ_PHILOX || NZ == NZ_PHILOX_CL)
+      tile_normals<KIND, E, ALIGNED>(s, t.i0, p.noise_stream, z);
   }
   float gx[E], gM[E], gMC[E], gv[E], gz[E], gh[E];
   const float ga = f.guided ? s.k.ga : 1.0f;
@@ -441,7 +445,9 @@ __global__ void __launch_bounds__(THREADS, 1)
     if (MODE == LEAN) {
       walk_tiles<E, I>(static_cast<I>(p.N),
                        [&](I j) { backward_tile_lean<KIND, E, true>(s, flat_tile<E>(j, E)); },
-                       [&](I j, int n) { backward_tile_lean<KIND, E, false>(s, flat_tile<E>(j, n)); });
+                       [&](I j, int n) {
+                         backward_tile_lean<KIND, E, false>(s, flat_tile<E>(j, n));
+                       });
     } else if (NZ == NZ_PHILOX_CL) {
       const I C = static_cast<I>(p.C), S = static_cast<I>(p.S);
       auto cl = [&](I j, int np) {
@@ -538,7 +544,8 @@ bool aligned16(const Stream& s, int64_t elem_size, int64_t B) {
 bool streams_aligned(const StepParams& p) {
   const int64_t es = p.kind == KIND_F32 ? 4 : 2;
   bool ok = aligned16(p.grad_y, es, p.B) && aligned16(p.grad_x0, es, p.B);
-  for (int i = 0; i < NUM_IN; ++i) ok = ok && aligned16(p.in[i], es, p.B) && aligned16(p.grad[i], es, p.B);
+  for (int i = 0; i < NUM_IN; ++i)
+    ok = ok && aligned16(p.in[i], es, p.B) && aligned16(p.grad[i], es, p.B);
   for (int i = 0; i < NUM_OUT; ++i) ok = ok && aligned16(p.out[i], es, p.B);
   return ok;
 }
@@ -629,7 +636,8 @@ cudaError_t launch_philox_normal(const StepParams& p, const Stream& out, cudaStr
   const bool known = FD_GPU_KIND_SWITCH(q.kind, KIND, [&] {
     return FD_BOOL_SWITCH(nz == NZ_PHILOX_CL, CL, [&] {
       return FD_BOOL_SWITCH(idx64, IDX64, [&] {
-        err = launch_variant<true, KIND, CL ? NZ_PHILOX_CL : NZ_PHILOX, NORMAL, IDX64>(q, vec, stream);
+        constexpr int NZ = CL ? NZ_PHILOX_CL : NZ_PHILOX;
+        err = launch_variant<true, KIND, NZ, NORMAL, IDX64>(q, vec, stream);
         return true;
       });
     });

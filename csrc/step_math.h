@@ -334,7 +334,7 @@ __device__ __forceinline__ void box_muller_fast(uint32_t a, uint32_t b, float& z
 template <typename A>
 struct SampleCoef {
   A c[NUM_COLS];  // the table row of sample b
-  A lo, hi, inv;  // x̂0 = min(max(xr, lo), hi) * inv: STATIC (-clip, clip, 1), DYNAMIC (-s, s, 1/s)
+  A lo, hi, inv;  // x̂0 = min(max(xr, lo), hi) inv: STATIC (-clip, clip, 1), DYNAMIC (-s, s, 1/s)
   A ga, gb;       // guided: m = ga M + gb MC, ga = k_b (1 - g), gb = k_b g
 };
 

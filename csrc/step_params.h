@@ -54,7 +54,7 @@ struct StepParams {
   PerSample<float> gscale;    // k_b of a guided step (absent: 1)
 
   // ---- coefficient table ----------------------------------------------------------------------
-  const void* table = nullptr;  // [rows, NUM_COLS] contiguous; float, double for the CPU fp64 kernel
+  const void* table = nullptr;  // [rows, NUM_COLS] contiguous; float (double: CPU fp64 kernel)
   int64_t rows = 0;
 
   // ---- launch flags and scalars (docs/kernels.md) -----------------------------------------------
