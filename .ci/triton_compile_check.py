@@ -83,8 +83,8 @@ def load_modules() -> Dict[str, object]:
         import importlib.util
         import types
         if "fused_ddpm" not in sys.modules:
-            # A bare parent package: the Triton modules import only fused_ddpm.contract
-            # (standard library only), torch and triton.
+            # A bare parent package: the Triton modules import only fused_ddpm.contract,
+            # .checks and .layout (standard library and torch), torch and triton.
             parent = types.ModuleType("fused_ddpm")
             parent.__path__ = [str(ROOT / "fused_ddpm")]
             sys.modules["fused_ddpm"] = parent
@@ -295,7 +295,7 @@ def build_launch(mods, v: Variant):
     import torch
     from fused_ddpm.contract import (NUM_COLS, NUM_FLAGS, NUM_IN, NUM_SCALARS, Col, Flag, In,
                                      Layout, Noise, Scalar, terms_mask)
-    from fused_ddpm.triton_kernels import checks
+    from fused_ddpm import checks
     step, noise_mod = mods["step"], mods["noise"]
     dev = "meta"
     dt = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16,

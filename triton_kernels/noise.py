@@ -7,7 +7,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .checks import check_philox_normal, check_philox_uint32
+from ..checks import check_philox_normal, check_philox_uint32
 from .philox import philox_key, philox_words
 from .tiles import FAST_SINCOS, Launch, plan, program_elements, program_noise
 

@@ -21,7 +21,7 @@ import triton
 import triton.language as tl
 
 from ..contract import Flag, In, Noise, Out, Scalar
-from .checks import check_backward, check_forward
+from ..checks import check_backward, check_forward
 from .consts import (CLIP_DYNAMIC, CLIP_NONE, CLIP_STATIC, COL_E, COL_H, COL_P, COL_Q, COL_R,
                      COL_S, COL_U, COL_VA, COL_VB, COL_W, IN_H, IN_M, IN_MC, IN_V, IN_X, IN_Z,
                      NCOLS, NOISE_PHILOX, VAR_EXP, VAR_FIXED, VAR_SQRT)
