@@ -7,8 +7,8 @@ Per element of sample b, with the row c = table[clamp(t[b], 0, R − 1)]::
     σ  = c.S | c.S·√v | c.S·exp(c.VA + c.VB·v)
     y  = c.P·xh + c.Q·x + c.R·m + c.H·h + σ·z;   x0 = xh
 
-Which terms exist is the TERMS flag, a constexpr: a clear bit removes its term from the
-code, a set bit computes it as c·value. Everything per sample (the row, t, the seed, the
+Which terms exist is the TERMS flag, passed as one constexpr per term column (HU … HS):
+a clear bit removes its term from the code, a set bit computes it as c·value. Everything per sample (the row, t, the seed, the
 guidance factors, the threshold) is loaded once per program as scalars; math is float32,
 storage in the tensors' dtype. Programs walk the samples as described in :mod:`.tiles`.
 """
@@ -20,7 +20,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ..contract import Flag, In, Noise, Out, Scalar
+from ..contract import TERM_COLS, Flag, In, Noise, Out, Scalar
 from ..checks import check_backward, check_forward
 from .consts import (CLIP_DYNAMIC, CLIP_NONE, CLIP_STATIC, COL_E, COL_H, COL_P, COL_Q, COL_R,
                      COL_S, COL_U, COL_VA, COL_VB, COL_W, IN_H, IN_M, IN_MC, IN_V, IN_X, IN_Z,
@@ -65,15 +65,56 @@ def _store(ptr, stride, b, offs, mask, value):
 
 
 @triton.jit
-def _guidance(gscale_ptr, s_gs, b, guidance, GSCALE: tl.constexpr):
-    """(a1, a2) with m = a1·M + a2·MC: a1 = k_b(1 − g), a2 = k_b·g."""
-    a1 = 1.0 - guidance
-    a2 = guidance
-    if GSCALE:
-        k = tl.load(gscale_ptr + b * s_gs)
-        a1 = a1 * k
-        a2 = a2 * k
-    return a1, a2
+def _guidance(gscale_ptr, s_gs, b, guidance, GUIDED: tl.constexpr, GSCALE: tl.constexpr):
+    """(a1, a2) with m = a1·M + a2·MC: a1 = k_b(1 − g), a2 = k_b·g ((1, 0) unguided)."""
+    if GUIDED:
+        a1 = 1.0 - guidance
+        a2 = guidance
+        if GSCALE:
+            k = tl.load(gscale_ptr + b * s_gs)
+            a1 = a1 * k
+            a2 = a2 * k
+        return a1, a2
+    else:
+        return 1.0, 0.0
+
+
+@triton.jit
+def _model(m_ptr, sm, mc_ptr, smc, b, offs, mask, a1, a2, GUIDED: tl.constexpr):
+    """m: the model output M, or a1·M + a2·MC for a guided step."""
+    m = _load(m_ptr, sm, b, offs, mask)
+    if GUIDED:
+        m = a1 * m + a2 * _load(mc_ptr, smc, b, offs, mask)
+    return m
+
+
+@triton.jit
+def _noise(b, start, offs, mask, seed_ptr, s_seed, tb, sword, z_ptr, sz, C, S,
+           NOISE: tl.constexpr, WALK: tl.constexpr, CL_C: tl.constexpr, CL_K: tl.constexpr,
+           CL_NP: tl.constexpr, IDX64: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr,
+           GV: tl.constexpr):
+    """z at this program's elements: the in-kernel normals (PHILOX) or the Z stream."""
+    if NOISE == NOISE_PHILOX:
+        return program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
+                             sword.to(tl.uint32), C, S, WALK, CL_C, CL_K, CL_NP, IDX64, FAST,
+                             BLOCK, GV)
+    else:
+        return _load(z_ptr, sz, b, offs, mask)
+
+
+@triton.jit
+def _unclipped(cb, x, m, z, offs, HU: tl.constexpr, HW: tl.constexpr, HE: tl.constexpr):
+    """xr = c.U·x + c.W·m + c.E·z over the terms that exist (zeros when none does)."""
+    xr = 0.0
+    if HU:
+        xr = tl.load(cb + COL_U) * x
+    if HW:
+        xr = _add(xr, tl.load(cb + COL_W) * m, not HU)
+    if HE:
+        xr = _add(xr, tl.load(cb + COL_E) * z, not (HU or HW))
+    if not (HU or HW or HE):
+        xr = tl.zeros(offs.shape, tl.float32)
+    return xr
 
 
 @triton.jit
@@ -106,19 +147,12 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
                      sx, sm, smc, sv, sz, sh, sy, sx0, s_t, s_seed, s_thr, s_gs,
                      N, C, S, R, clip, guidance, sword,
                      CLIP: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr,
-                     TERMS: tl.constexpr, GUIDED: tl.constexpr, GSCALE: tl.constexpr,
-                     WRITE_X0: tl.constexpr, WALK: tl.constexpr, CL_C: tl.constexpr,
-                     CL_K: tl.constexpr, CL_NP: tl.constexpr, IDX64: tl.constexpr,
-                     EVEN: tl.constexpr, GRID2D: tl.constexpr, FAST: tl.constexpr,
-                     BLOCK: tl.constexpr):
-    HU: tl.constexpr = _bit(TERMS, COL_U)
-    HW: tl.constexpr = _bit(TERMS, COL_W)
-    HE: tl.constexpr = _bit(TERMS, COL_E)
-    HP: tl.constexpr = _bit(TERMS, COL_P)
-    HQ: tl.constexpr = _bit(TERMS, COL_Q)
-    HR: tl.constexpr = _bit(TERMS, COL_R)
-    HH: tl.constexpr = _bit(TERMS, COL_H)
-    HS: tl.constexpr = _bit(TERMS, COL_S)
+                     HU: tl.constexpr, HW: tl.constexpr, HE: tl.constexpr, HP: tl.constexpr,
+                     HQ: tl.constexpr, HR: tl.constexpr, HH: tl.constexpr, HS: tl.constexpr,
+                     GUIDED: tl.constexpr, GSCALE: tl.constexpr, WRITE_X0: tl.constexpr,
+                     WALK: tl.constexpr, CL_C: tl.constexpr, CL_K: tl.constexpr,
+                     CL_NP: tl.constexpr, IDX64: tl.constexpr, EVEN: tl.constexpr,
+                     GRID2D: tl.constexpr, FAST: tl.constexpr, BLOCK: tl.constexpr):
     NEED_XH: tl.constexpr = HP or WRITE_X0
     GV: tl.constexpr = 32 // y_ptr.dtype.element_ty.primitive_bitwidth
 
@@ -126,31 +160,20 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
                                             GRID2D, BLOCK)
     cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
 
+    x = 0.0
+    m = 0.0
+    z = 0.0
     if HU or HQ:
         x = _load(x_ptr, sx, b, offs, mask)
     if HW or HR:
-        m = _load(m_ptr, sm, b, offs, mask)
-        if GUIDED:
-            a1, a2 = _guidance(gscale_ptr, s_gs, b, guidance, GSCALE)
-            m = a1 * m + a2 * _load(mc_ptr, smc, b, offs, mask)
+        a1, a2 = _guidance(gscale_ptr, s_gs, b, guidance, GUIDED, GSCALE)
+        m = _model(m_ptr, sm, mc_ptr, smc, b, offs, mask, a1, a2, GUIDED)
     if HS or HE:
-        if NOISE == NOISE_PHILOX:
-            z = program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
-                              sword.to(tl.uint32), C, S, WALK, CL_C, CL_K, CL_NP,
-                              IDX64, FAST, BLOCK, GV)
-        else:
-            z = _load(z_ptr, sz, b, offs, mask)
+        z = _noise(b, start, offs, mask, seed_ptr, s_seed, tb, sword, z_ptr, sz, C, S, NOISE,
+                   WALK, CL_C, CL_K, CL_NP, IDX64, FAST, BLOCK, GV)
 
     if NEED_XH:
-        xr = 0.0
-        if HU:
-            xr = tl.load(cb + COL_U) * x
-        if HW:
-            xr = _add(xr, tl.load(cb + COL_W) * m, not HU)
-        if HE:
-            xr = _add(xr, tl.load(cb + COL_E) * z, not (HU or HW))
-        if not (HU or HW or HE):
-            xr = tl.zeros(offs.shape, tl.float32)
+        xr = _unclipped(cb, x, m, z, offs, HU, HW, HE)
         s = 1.0
         inv_s = 1.0
         if CLIP == CLIP_DYNAMIC:
@@ -187,19 +210,13 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
                      s_t, s_seed, s_thr, s_gs,
                      N, C, S, R, clip, guidance, sword,
                      CLIP: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr,
-                     TERMS: tl.constexpr, GUIDED: tl.constexpr, GSCALE: tl.constexpr,
-                     HAS_G0: tl.constexpr, WANT: tl.constexpr, WALK: tl.constexpr,
-                     CL_C: tl.constexpr, CL_K: tl.constexpr, CL_NP: tl.constexpr,
-                     IDX64: tl.constexpr, EVEN: tl.constexpr, GRID2D: tl.constexpr,
-                     FAST: tl.constexpr, BLOCK: tl.constexpr):
-    HU: tl.constexpr = _bit(TERMS, COL_U)
-    HW: tl.constexpr = _bit(TERMS, COL_W)
-    HE: tl.constexpr = _bit(TERMS, COL_E)
-    HP: tl.constexpr = _bit(TERMS, COL_P)
-    HQ: tl.constexpr = _bit(TERMS, COL_Q)
-    HR: tl.constexpr = _bit(TERMS, COL_R)
-    HH: tl.constexpr = _bit(TERMS, COL_H)
-    HS: tl.constexpr = _bit(TERMS, COL_S)
+                     HU: tl.constexpr, HW: tl.constexpr, HE: tl.constexpr, HP: tl.constexpr,
+                     HQ: tl.constexpr, HR: tl.constexpr, HH: tl.constexpr, HS: tl.constexpr,
+                     GUIDED: tl.constexpr, GSCALE: tl.constexpr, HAS_G0: tl.constexpr,
+                     WANT: tl.constexpr, WALK: tl.constexpr, CL_C: tl.constexpr,
+                     CL_K: tl.constexpr, CL_NP: tl.constexpr, IDX64: tl.constexpr,
+                     EVEN: tl.constexpr, GRID2D: tl.constexpr, FAST: tl.constexpr,
+                     BLOCK: tl.constexpr):
     WX: tl.constexpr = _bit(WANT, IN_X)
     WM: tl.constexpr = _bit(WANT, IN_M) or _bit(WANT, IN_MC)
     WV: tl.constexpr = _bit(WANT, IN_V)
@@ -216,41 +233,33 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
                                             GRID2D, BLOCK)
     cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
     gy = _load(gy_ptr, sgy, b, offs, mask)
-    if GUIDED:
-        a1, a2 = _guidance(gscale_ptr, s_gs, b, guidance, GSCALE)
+    a1, a2 = _guidance(gscale_ptr, s_gs, b, guidance, GUIDED, GSCALE)
+    z = 0.0
     if NEED_Z:
-        if NOISE == NOISE_PHILOX:
-            z = program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
-                              sword.to(tl.uint32), C, S, WALK, CL_C, CL_K, CL_NP,
-                              IDX64, FAST, BLOCK, GV)
-        else:
-            z = _load(z_ptr, sz, b, offs, mask)
+        z = _noise(b, start, offs, mask, seed_ptr, s_seed, tb, sword, z_ptr, sz, C, S, NOISE,
+                   WALK, CL_C, CL_K, CL_NP, IDX64, FAST, BLOCK, GV)
 
+    a = 0.0
     if NEED_A:
-        a = 0.0
         if HP:
             a = gy * tl.load(cb + COL_P)
         if HAS_G0:
             a = _add(a, _load(g0_ptr, sg0, b, offs, mask), not HP)
         if NEED_XR:
-            xr = 0.0
+            x = 0.0
+            m = 0.0
             if HU:
-                xr = tl.load(cb + COL_U) * _load(x_ptr, sx, b, offs, mask)
+                x = _load(x_ptr, sx, b, offs, mask)
             if HW:
-                m = _load(m_ptr, sm, b, offs, mask)
-                if GUIDED:
-                    m = a1 * m + a2 * _load(mc_ptr, smc, b, offs, mask)
-                xr = _add(xr, tl.load(cb + COL_W) * m, not HU)
-            if HE:
-                xr = _add(xr, tl.load(cb + COL_E) * z, not (HU or HW))
-            if not (HU or HW or HE):
-                xr = tl.zeros(offs.shape, tl.float32)
+                m = _model(m_ptr, sm, mc_ptr, smc, b, offs, mask, a1, a2, GUIDED)
+            xr = _unclipped(cb, x, m, z, offs, HU, HW, HE)
             if CLIP == CLIP_STATIC:
                 a = tl.where((xr >= -clip) & (xr <= clip), a, 0.0)
             else:
                 s = tl.load(thresh_ptr + b * s_thr)
                 a = tl.where((xr >= -s) & (xr <= s), a * (1.0 / s), 0.0)
 
+    sigma = 0.0
     if WZ or WV:
         v = 0.0
         if VAR != VAR_FIXED:
@@ -263,22 +272,10 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
 
     # every input is loaded above, so a gradient may be written over an input
     if WX:
-        gx = 0.0
-        if HQ:
-            gx = gy * tl.load(cb + COL_Q)
-        if HU and HA:
-            gx = _add(gx, a * tl.load(cb + COL_U), not HQ)
-        if not (HQ or (HU and HA)):
-            gx = tl.zeros(offs.shape, tl.float32)
+        gx = _grad(gy, tl.load(cb + COL_Q), a, cb, offs, COL_U, HQ, HU and HA)
         _store(gx_ptr, sgx, b, offs, mask, gx)
     if WM:
-        gm = 0.0
-        if HR:
-            gm = gy * tl.load(cb + COL_R)
-        if HW and HA:
-            gm = _add(gm, a * tl.load(cb + COL_W), not HR)
-        if not (HR or (HW and HA)):
-            gm = tl.zeros(offs.shape, tl.float32)
+        gm = _grad(gy, tl.load(cb + COL_R), a, cb, offs, COL_W, HR, HW and HA)
         if GUIDED:
             if _bit(WANT, IN_M):
                 _store(gm_ptr, sgm, b, offs, mask, gm * a1)
@@ -287,13 +284,7 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
         else:
             _store(gm_ptr, sgm, b, offs, mask, gm)
     if WZ:
-        gz = 0.0
-        if HS:
-            gz = gy * sigma
-        if HE and HA:
-            gz = _add(gz, a * tl.load(cb + COL_E), not HS)
-        if not (HS or (HE and HA)):
-            gz = tl.zeros(offs.shape, tl.float32)
+        gz = _grad(gy, sigma, a, cb, offs, COL_E, HS, HE and HA)
         _store(gz_ptr, sgz, b, offs, mask, gz)
     if WH:
         if HH:
@@ -313,6 +304,20 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
         _store(gv_ptr, sgv, b, offs, mask, gv)
 
 
+@triton.jit
+def _grad(gy, k, a, cb, offs, COL: tl.constexpr, HK: tl.constexpr, HA: tl.constexpr):
+    """gy·k + a·c[COL]: the gradient of a stream that y reads with factor k (when HK) and x̂
+    through the column COL (when HA); zeros when neither."""
+    g = 0.0
+    if HK:
+        g = gy * k
+    if HA:
+        g = _add(g, a * tl.load(cb + COL), not HK)
+    if not (HK or HA):
+        g = tl.zeros(offs.shape, tl.float32)
+    return g
+
+
 # ----------------------------------------------------------------------------- launchers
 _X, _MC, _X0 = int(In.X), int(In.MC), int(Out.X0)
 _F_CLIP, _F_VAR, _F_NOISE, _F_LAYOUT, _F_TERMS, _F_STREAM = (
@@ -320,6 +325,8 @@ _F_CLIP, _F_VAR, _F_NOISE, _F_LAYOUT, _F_TERMS, _F_STREAM = (
     int(Flag.NOISE_STREAM))
 _S_CLIP, _S_GUIDANCE = int(Scalar.CLIP), int(Scalar.GUIDANCE)
 _PHILOX = int(Noise.PHILOX)
+# the kernels' constexpr per term column (HU … HS) and its bit in flags[TERMS]
+_TERM_BITS = [(f"H{c.name}", 1 << int(c)) for c in TERM_COLS]
 
 
 def _launch(kernel, ins, stream_outs, t, seeds, table, thresh, gscale, flags, scalars,
@@ -341,10 +348,11 @@ def _launch(kernel, ins, stream_outs, t, seeds, table, thresh, gscale, flags, sc
             + [p.N, p.C, p.S, table.shape[0], float(scalars[_S_CLIP]),
                float(scalars[_S_GUIDANCE]), int(flags[_F_STREAM])])
     const.update(p.constexprs)
+    terms = int(flags[_F_TERMS])
+    const.update({name: bool(terms & bit) for name, bit in _TERM_BITS})
     const.update(CLIP=int(flags[_F_CLIP]), VAR=int(flags[_F_VAR]), NOISE=int(noise),
-                 TERMS=int(flags[_F_TERMS]), GUIDED=ins[_MC] is not None,
-                 GSCALE=gscale is not None, FAST=FAST_SINCOS and x.is_cuda,
-                 num_warps=p.num_warps)
+                 GUIDED=ins[_MC] is not None, GSCALE=gscale is not None,
+                 FAST=FAST_SINCOS and x.is_cuda, num_warps=p.num_warps)
     return Launch(kernel, p.grid, args, const)
 
 
