@@ -8,9 +8,10 @@ Per element of sample b, with the row c = table[clamp(t[b], 0, R − 1)]::
     y  = c.P·xh + c.Q·x + c.R·m + c.H·h + σ·z;   x0 = xh
 
 Which terms exist is the TERMS flag, passed as one constexpr per term column (HU … HS):
-a clear bit removes its term from the code, a set bit computes it as c·value. Everything per sample (the row, t, the seed, the
-guidance factors, the threshold) is loaded once per program as scalars; math is float32,
-storage in the tensors' dtype. Programs walk the samples as described in :mod:`.tiles`.
+a clear bit removes its term from the code, a set bit computes it as c·value. Everything per
+sample (the row, t, the seed, the guidance factors, the threshold) is loaded once per program
+as scalars; math is float32, storage in the tensors' dtype. Programs walk the samples as
+described in :mod:`.tiles`.
 """
 from __future__ import annotations
 
