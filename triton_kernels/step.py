@@ -104,18 +104,20 @@ def _noise(b, start, offs, mask, seed_ptr, s_seed, tb, sword, z_ptr, sz, C, S,
 
 
 @triton.jit
-def _unclipped(cb, x, m, z, offs, HU: tl.constexpr, HW: tl.constexpr, HE: tl.constexpr):
-    """xr = c.U·x + c.W·m + c.E·z over the terms that exist (zeros when none does)."""
-    xr = 0.0
-    if HU:
-        xr = tl.load(cb + COL_U) * x
-    if HW:
-        xr = _add(xr, tl.load(cb + COL_W) * m, not HU)
-    if HE:
-        xr = _add(xr, tl.load(cb + COL_E) * z, not (HU or HW))
-    if not (HU or HW or HE):
-        xr = tl.zeros(offs.shape, tl.float32)
-    return xr
+def _combine(cb, a, b, c, offs, CA: tl.constexpr, CB: tl.constexpr, CC: tl.constexpr,
+             HA: tl.constexpr, HB: tl.constexpr, HC: tl.constexpr):
+    """c[CA]·a + c[CB]·b + c[CC]·c over the terms that exist (HA, HB, HC), summed in that
+    order; zeros when none does."""
+    acc = 0.0
+    if HA:
+        acc = tl.load(cb + CA) * a
+    if HB:
+        acc = _add(acc, tl.load(cb + CB) * b, not HA)
+    if HC:
+        acc = _add(acc, tl.load(cb + CC) * c, not (HA or HB))
+    if not (HA or HB or HC):
+        acc = tl.zeros(offs.shape, tl.float32)
+    return acc
 
 
 @triton.jit
@@ -173,8 +175,9 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
         z = _noise(b, start, offs, mask, seed_ptr, s_seed, tb, sword, z_ptr, sz, C, S, NOISE,
                    WALK, CL_C, CL_K, CL_NP, IDX64, FAST, BLOCK, GV)
 
+    xh = 0.0
     if NEED_XH:
-        xr = _unclipped(cb, x, m, z, offs, HU, HW, HE)
+        xr = _combine(cb, x, m, z, offs, COL_U, COL_W, COL_E, HU, HW, HE)
         s = 1.0
         inv_s = 1.0
         if CLIP == CLIP_DYNAMIC:
@@ -182,13 +185,7 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
             inv_s = 1.0 / s
         xh = _clip(xr, clip, inv_s, s, CLIP)
 
-    y = 0.0
-    if HP:
-        y = tl.load(cb + COL_P) * xh
-    if HQ:
-        y = _add(y, tl.load(cb + COL_Q) * x, not HP)
-    if HR:
-        y = _add(y, tl.load(cb + COL_R) * m, not (HP or HQ))
+    y = _combine(cb, xh, x, m, offs, COL_P, COL_Q, COL_R, HP, HQ, HR)
     if HH:
         y = _add(y, tl.load(cb + COL_H) * _load(h_ptr, sh, b, offs, mask), not (HP or HQ or HR))
     if HS:
@@ -196,8 +193,6 @@ def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
         if VAR != VAR_FIXED:
             v = _load(v_ptr, sv, b, offs, mask)
         y = _add(y, _sigma(cb, v, VAR) * z, not (HP or HQ or HR or HH))
-    if not (HP or HQ or HR or HH or HS):
-        y = tl.zeros(offs.shape, tl.float32)
     _store(y_ptr, sy, b, offs, mask, y)
     if WRITE_X0:
         _store(x0_ptr, sx0, b, offs, mask, xh)
@@ -253,7 +248,7 @@ def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
                 x = _load(x_ptr, sx, b, offs, mask)
             if HW:
                 m = _model(m_ptr, sm, mc_ptr, smc, b, offs, mask, a1, a2, GUIDED)
-            xr = _unclipped(cb, x, m, z, offs, HU, HW, HE)
+            xr = _combine(cb, x, m, z, offs, COL_U, COL_W, COL_E, HU, HW, HE)
             if CLIP == CLIP_STATIC:
                 a = tl.where((xr >= -clip) & (xr <= clip), a, 0.0)
             else:
