@@ -30,6 +30,9 @@ namespace {
 using cpu::AccOf;
 
 constexpr int64_t BLOCK = 256;  // storage elements per block (a multiple of 4)
+// The same for the lean step with in-kernel noise in registers (contiguous layout): no
+// buffers, so longer blocks amortise the per-block start of the noise pipeline.
+constexpr int64_t NOISE_BLOCK = 1024;
 // Elements per parallel task at least: smaller steps run on one thread, since waking
 // threads costs more than the work (and stalls whole steps on a busy machine).
 constexpr int64_t PARALLEL_GRAIN = 1 << 16;
@@ -39,12 +42,12 @@ constexpr int64_t PARALLEL_GRAIN = 1 << 16;
 struct Blocks {
   int64_t len;         // storage elements per block (the last one of a sample may be shorter)
   int64_t per_sample;  // blocks per sample
-  Blocks(const StepParams& p, bool cl_noise) {
+  Blocks(const StepParams& p, bool cl_noise, int64_t block = BLOCK) {
     if (cl_noise) {
-      const int64_t P = std::max<int64_t>(4, (BLOCK / std::max<int64_t>(p.C, 1)) & ~int64_t(3));
+      const int64_t P = std::max<int64_t>(4, (block / std::max<int64_t>(p.C, 1)) & ~int64_t(3));
       len = P * p.C;
     } else {
-      len = BLOCK;
+      len = block;
     }
     per_sample = p.N ? (p.N + len - 1) / len : 0;
   }
@@ -75,21 +78,25 @@ void for_each_block(const StepParams& p, const Blocks& bl, int nbuf, Body&& body
   });
 }
 
+cpu::NoiseKey noise_key(const StepParams& p, int64_t b) {
+  return {static_cast<uint64_t>(p.seeds.data[b * p.seeds.stride]),
+          static_cast<uint32_t>(p.t.data[b * p.t.stride]), p.noise_stream};
+}
+
 // In-kernel normals of storage range [s0, s0 + n) of sample b into z[0 .. n) (z holds n + 4).
 // s0 is a multiple of 4 (contiguous) or of C (channels_last, n a multiple of C).
 void block_noise(const StepParams& p, int64_t b, int64_t s0, int64_t n, float* z,
                  std::vector<float>& tmp) {
-  const uint64_t seed = static_cast<uint64_t>(p.seeds.data[b * p.seeds.stride]);
-  const uint32_t t = static_cast<uint32_t>(p.t.data[b * p.t.stride]);
+  const cpu::NoiseKey nk = noise_key(p, b);
   if (p.layout == Layout::CONTIGUOUS) {
-    philox_normals(seed, t, p.noise_stream, static_cast<uint64_t>(s0 / 4), (n + 3) / 4, z);
+    philox_normals(nk.seed, nk.t, nk.stream, static_cast<uint64_t>(s0 / 4), (n + 3) / 4, z);
     return;
   }
   // storage s = pos C + c  <->  logical i = c S + pos
   const int64_t C = p.C, pos0 = s0 / C, np = n / C;
   tmp.resize(np);
   for (int64_t c = 0; c < C; ++c) {
-    philox_normals_range(seed, t, p.noise_stream, c * p.S + pos0, np, tmp.data());
+    philox_normals_range(nk.seed, nk.t, nk.stream, c * p.S + pos0, np, tmp.data());
     for (int64_t k = 0; k < np; ++k) z[k * C + c] = tmp[k];
   }
 }
@@ -173,13 +180,15 @@ void with_var_xh(const StepParams& p, const char* op, Fn&& fn) {
 template <typename T, bool NOISE>
 void forward_lean(const StepParams& p) {
   using A = AccOf<T>;
-  const Blocks bl(p, NOISE && p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
+  const bool philox = NOISE && p.noise == Noise::PHILOX;
+  const bool fused = philox && p.layout == Layout::CONTIGUOUS;
+  const Blocks bl(p, philox && p.layout == Layout::CHANNELS_LAST, fused ? NOISE_BLOCK : BLOCK);
   for_each_block<A>(p, bl, 0, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
     const SampleCoef<A> k = sample_coef<A>(p, b);
     const T* x = at_sample<const T>(p.in[In::X], b, s0);
     const T* m = at_sample<const T>(p.in[In::M], b, s0);
     T* y = at_sample<T>(p.out[Out::Y], b, s0);
-    if (NOISE && p.noise == Noise::PHILOX && s0 + n < p.N) {
+    if (philox && s0 + n < p.N) {
       const int64_t next = std::min(bl.len, p.N - s0 - n);
       prefetch(x + n, next, false);
       prefetch(m + n, next, false);
@@ -187,6 +196,9 @@ void forward_lean(const StepParams& p) {
     }
     if (NOISE && p.noise == Noise::EXTERNAL) {
       cpu::lean_forward_block<T, T>(x, m, at_sample<const T>(p.in[In::Z], b, s0), y, n, k);
+    } else if (fused) {
+      cpu::lean_forward_philox_block(x, m, y, n, k, noise_key(p, b), static_cast<uint64_t>(s0 / 4),
+                                     w.zf.data());
     } else if (NOISE) {
       block_noise(p, b, s0, n, w.zf.data(), w.tmp);
       cpu::lean_forward_block<T, float>(x, m, w.zf.data(), y, n, k);

@@ -19,6 +19,7 @@
 #include <type_traits>
 
 #include "noise_cpu.h"
+#include "noise_cpu_simd.h"
 #include "step_cpu_simd.h"
 #include "step_math.h"
 
@@ -64,13 +65,18 @@ FD_AVX512 inline __m512 vload16(const c10::Half* p) {
   return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
 }
 FD_AVX512 inline void vstore16(float* p, __m512 v) { _mm512_storeu_ps(p, v); }
+// v rounded to bf16 in the high half of each 32-bit lane (a NaN first becomes 0x7FC00000).
+FD_AVX512 inline __m512i bf16_round16(__m512 v) {
+  const __m512i u = _mm512_mask_mov_epi32(_mm512_castps_si512(v),
+                                          _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q),
+                                          _mm512_set1_epi32(0x7FC00000));
+  const __m512i t = _mm512_add_epi32(u, _mm512_set1_epi32(0x7FFF));
+  return _mm512_mask_add_epi32(t, _mm512_test_epi32_mask(u, _mm512_set1_epi32(0x10000)), t,
+                               _mm512_set1_epi32(1));  // ties to even
+}
 FD_AVX512 inline void vstore16(c10::BFloat16* p, __m512 v) {
-  const __m512i u = _mm512_castps_si512(v);
-  const __m512i odd = _mm512_and_si512(_mm512_srli_epi32(u, 16), _mm512_set1_epi32(1));
-  const __m512i bias = _mm512_add_epi32(odd, _mm512_set1_epi32(0x7FFF));
-  __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, bias), 16);
-  r = _mm512_mask_mov_epi32(r, _mm512_cmp_ps_mask(v, v, _CMP_UNORD_Q), _mm512_set1_epi32(0x7FC0));
-  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtepi32_epi16(r));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
+                      _mm512_cvtepi32_epi16(_mm512_srli_epi32(bf16_round16(v), 16)));
 }
 FD_AVX512 inline void vstore16(c10::Half* p, __m512 v) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p),
@@ -191,6 +197,12 @@ void from_acc(const AccOf<T>* src, T* dst, int64_t n) {
 
 // ------------------------------------------------------------------------------ lean step
 
+// The Philox stream of one sample: key and counter words (docs/kernels.md, "Noise").
+struct NoiseKey {
+  uint64_t seed;
+  uint32_t t, stream;
+};
+
 // y[j] = Q x[j] + R m[j] (+ S z[j]) (Z = void: no noise term).
 template <typename T, typename Z>
 inline void lean_forward_loop(const T* x, const T* m, const Z* z, T* y, int64_t n,
@@ -220,19 +232,29 @@ inline void lean_backward_loop(const T* gy, T* gx, T* gm, int64_t n, AccOf<T> Q,
 
 #if defined(FD_HAVE_X86_SIMD)
 // One vector of the lean forward: y = (Q x + R m) + S z, rounded after each operation.
+FD_AVX512 inline __m512 lean16(__m512 x, __m512 m, __m512 Q, __m512 R) {
+  return _mm512_add_ps(_mm512_mul_ps(Q, x), _mm512_mul_ps(R, m));
+}
+FD_AVX512 inline __m512 lean16(__m512 x, __m512 m, __m512 z, __m512 Q, __m512 R, __m512 S) {
+  return _mm512_add_ps(lean16(x, m, Q, R), _mm512_mul_ps(S, z));
+}
 template <typename T, typename Z>
 FD_AVX512 inline void lean_forward16(const T* x, const T* m, const Z* z, T* y, __m512 Q,
                                      __m512 R, __m512 S) {
-  __m512 v = _mm512_add_ps(_mm512_mul_ps(Q, vload16(x)), _mm512_mul_ps(R, vload16(m)));
-  if constexpr (!std::is_same<Z, void>::value) v = _mm512_add_ps(v, _mm512_mul_ps(S, vload16(z)));
-  vstore16(y, v);
+  if constexpr (std::is_same<Z, void>::value) vstore16(y, lean16(vload16(x), vload16(m), Q, R));
+  else vstore16(y, lean16(vload16(x), vload16(m), vload16(z), Q, R, S));
+}
+FD_AVX2 inline __m256 lean8(__m256 x, __m256 m, __m256 Q, __m256 R) {
+  return _mm256_add_ps(_mm256_mul_ps(Q, x), _mm256_mul_ps(R, m));
+}
+FD_AVX2 inline __m256 lean8(__m256 x, __m256 m, __m256 z, __m256 Q, __m256 R, __m256 S) {
+  return _mm256_add_ps(lean8(x, m, Q, R), _mm256_mul_ps(S, z));
 }
 template <typename T, typename Z>
 FD_AVX2 inline void lean_forward8(const T* x, const T* m, const Z* z, T* y, __m256 Q, __m256 R,
                                   __m256 S) {
-  __m256 v = _mm256_add_ps(_mm256_mul_ps(Q, vload8(x)), _mm256_mul_ps(R, vload8(m)));
-  if constexpr (!std::is_same<Z, void>::value) v = _mm256_add_ps(v, _mm256_mul_ps(S, vload8(z)));
-  vstore8(y, v);
+  if constexpr (std::is_same<Z, void>::value) vstore8(y, lean8(vload8(x), vload8(m), Q, R));
+  else vstore8(y, lean8(vload8(x), vload8(m), vload8(z), Q, R, S));
 }
 
 // Runs vec(x, m, z, y) over n elements in vectors of W, the last partial one on padded copies.
@@ -301,6 +323,110 @@ FD_AVX2 FD_FLATTEN void lean_backward_avx2(const T* gy, T* gx, T* gm, int64_t n,
   }
   lean_backward_loop(gy + j, gx + j, gm + j, n - j, Q, R);
 }
+
+// The lean forward with in-kernel noise (contiguous layout) of the n elements of one sample
+// from logical element 4 g0, the normals straight from registers (noise_cpu_simd.h): NB
+// batches of 8 (4) groups per step, and the Philox rounds of the next step issued before the
+// Box–Muller of this one, so that the two independent chains overlap. The last partial step
+// takes its normals from a buffer through the padded vector path: the same operations, so
+// every element gets the same bits as from philox_normals and lean_forward_block.
+// The order of the normals for 32 elements of T: the even and the odd elements for the
+// 16-bit types (a 32-bit lane holds one of each), else element order.
+template <typename T>
+constexpr simd::ZOrder z_order() {
+  return std::is_same<T, c10::BFloat16>::value ? simd::ZOrder::EVEN_ODD : simd::ZOrder::ELEMENT;
+}
+
+// 32 elements of y from the normals z[0], z[1] in z_order<T>().
+template <typename T>
+FD_AVX512 inline void lean_philox32(const T* x, const T* m, const __m512* z, T* y, __m512 Q,
+                                    __m512 R, __m512 S) {
+  if constexpr (z_order<T>() == simd::ZOrder::EVEN_ODD) {
+    const __m512i xv = _mm512_loadu_si512(x), mv = _mm512_loadu_si512(m);
+    const __m512i high = _mm512_set1_epi32(static_cast<int32_t>(0xFFFF0000u));
+    const __m512 ye = lean16(_mm512_castsi512_ps(_mm512_slli_epi32(xv, 16)),
+                             _mm512_castsi512_ps(_mm512_slli_epi32(mv, 16)), z[0], Q, R, S);
+    const __m512 yo = lean16(_mm512_castsi512_ps(_mm512_and_si512(xv, high)),
+                             _mm512_castsi512_ps(_mm512_and_si512(mv, high)), z[1], Q, R, S);
+    _mm512_storeu_si512(y, _mm512_mask_blend_epi16(0xAAAAAAAAu,
+                                                   _mm512_srli_epi32(bf16_round16(ye), 16),
+                                                   bf16_round16(yo)));
+  } else {
+    for (int h = 0; h < 2; ++h)
+      vstore16(y + 16 * h, lean16(vload16(x + 16 * h), vload16(m + 16 * h), z[h], Q, R, S));
+  }
+}
+
+template <typename T>
+FD_AVX512 FD_FLATTEN void lean_forward_philox_avx512(const T* x, const T* m, T* y, int64_t n,
+                                                     const SampleCoef<float>& k, NoiseKey nk,
+                                                     uint64_t g0) {
+  constexpr int NB = 4;
+  constexpr int64_t E = 32 * NB;  // elements per step
+  const simd::Philox16 key(nk.seed, nk.t, nk.stream);
+  const __m512 Q = _mm512_set1_ps(k.c[Col::Q]), R = _mm512_set1_ps(k.c[Col::R]),
+               S = _mm512_set1_ps(k.c[Col::S]);
+  const int64_t whole = n / E * E;
+  __m512i W0[NB], W1[NB], N0[NB], N1[NB];
+  if (whole > 0) simd::philox16<NB, z_order<T>()>(key, g0, W0, W1);
+  for (int64_t j = 0; j < whole; j += E) {
+    if (j + E < whole)
+      simd::philox16<NB, z_order<T>()>(key, g0 + static_cast<uint64_t>(j + E) / 4, N0, N1);
+    __m512 z[2 * NB];
+    simd::box_muller16<NB, z_order<T>()>(W0, W1, z);
+    for (int b = 0; b < NB; ++b)
+      lean_philox32(x + j + 32 * b, m + j + 32 * b, z + 2 * b, y + j + 32 * b, Q, R, S);
+    for (int b = 0; b < NB; ++b) {
+      W0[b] = N0[b];
+      W1[b] = N1[b];
+    }
+  }
+  if (whole == n) return;
+  float zb[E];
+  __m512 z[2 * NB];
+  simd::philox16<NB, simd::ZOrder::ELEMENT>(key, g0 + static_cast<uint64_t>(whole) / 4, W0, W1);
+  simd::box_muller16<NB, simd::ZOrder::ELEMENT>(W0, W1, z);
+  for (int q = 0; q < 2 * NB; ++q) _mm512_storeu_ps(zb + 16 * q, z[q]);
+  lean_forward_vectors<16>(x + whole, m + whole, static_cast<const float*>(zb), y + whole,
+                           n - whole, [&](const T* xa, const T* ma, const float* za, T* ya) {
+                             lean_forward16(xa, ma, za, ya, Q, R, S);
+                           });
+}
+
+template <typename T>
+FD_AVX2 FD_FLATTEN void lean_forward_philox_avx2(const T* x, const T* m, T* y, int64_t n,
+                                                 const SampleCoef<float>& k, NoiseKey nk,
+                                                 uint64_t g0) {
+  constexpr int NB = 2;
+  constexpr int64_t E = 16 * NB;
+  const simd::Philox8 key(nk.seed, nk.t, nk.stream);
+  const __m256 Q = _mm256_set1_ps(k.c[Col::Q]), R = _mm256_set1_ps(k.c[Col::R]),
+               S = _mm256_set1_ps(k.c[Col::S]);
+  const int64_t whole = n / E * E;
+  __m256i W0[NB], W1[NB], N0[NB], N1[NB];
+  if (whole > 0) simd::philox8<NB>(key, g0, W0, W1);
+  for (int64_t j = 0; j < whole; j += E) {
+    if (j + E < whole) simd::philox8<NB>(key, g0 + static_cast<uint64_t>(j + E) / 4, N0, N1);
+    __m256 z[2 * NB];
+    simd::box_muller8<NB>(W0, W1, z);
+    for (int q = 0; q < 2 * NB; ++q)
+      vstore8(y + j + 8 * q, lean8(vload8(x + j + 8 * q), vload8(m + j + 8 * q), z[q], Q, R, S));
+    for (int b = 0; b < NB; ++b) {
+      W0[b] = N0[b];
+      W1[b] = N1[b];
+    }
+  }
+  if (whole == n) return;
+  float zb[E];
+  __m256 z[2 * NB];
+  simd::philox8<NB>(key, g0 + static_cast<uint64_t>(whole) / 4, W0, W1);
+  simd::box_muller8<NB>(W0, W1, z);
+  for (int q = 0; q < 2 * NB; ++q) _mm256_storeu_ps(zb + 8 * q, z[q]);
+  lean_forward_vectors<8>(x + whole, m + whole, static_cast<const float*>(zb), y + whole,
+                          n - whole, [&](const T* xa, const T* ma, const float* za, T* ya) {
+                            lean_forward8(xa, ma, za, ya, Q, R, S);
+                          });
+}
 #endif  // FD_HAVE_X86_SIMD
 
 template <typename T, typename Z>
@@ -316,6 +442,25 @@ void lean_forward_block(const T* x, const T* m, const Z* z, T* y, int64_t n,
   }
 #endif
   lean_forward_loop(x, m, z, y, n, k);
+}
+
+// The lean forward with in-kernel noise, contiguous layout (n elements of one sample from
+// logical element 4 g0; z: scratch for n + 4 normals, used by the baseline copy only).
+template <typename T>
+void lean_forward_philox_block(const T* x, const T* m, T* y, int64_t n,
+                               const SampleCoef<AccOf<T>>& k, NoiseKey nk, uint64_t g0,
+                               float* z) {
+#if defined(FD_HAVE_X86_SIMD)
+  if constexpr (!std::is_same<T, double>::value) {
+    switch (cpu_isa_level()) {
+      case 0: return lean_forward_philox_avx512(x, m, y, n, k, nk, g0);
+      case 1: return lean_forward_philox_avx2(x, m, y, n, k, nk, g0);
+      default: break;
+    }
+  }
+#endif
+  philox_normals(nk.seed, nk.t, nk.stream, g0, (n + 3) / 4, z);
+  lean_forward_loop(x, m, static_cast<const float*>(z), y, n, k);
 }
 
 template <typename T>

@@ -188,19 +188,14 @@ FD_HD float uint32_to_uniform(uint32_t o) {
 }
 
 // Scalar forms of the primitives the generic (scalar or SIMD) code below uses; the CPU vector
-// types (step_cpu_simd.h) define the same names. Integer lanes are int32_t; shifts go through
-// uint32_t (no signed-shift overflow).
+// types (step_cpu_simd.h) define the same names. Integer lanes are int32_t.
 FD_HD int32_t as_int(float f) { return static_cast<int32_t>(fd_bits(f)); }
 FD_HD float as_float(int32_t i) { return fd_float(static_cast<uint32_t>(i)); }
 FD_HD float to_float(int32_t i) { return static_cast<float>(i); }
 FD_HD float fma_(float a, float b, float c) { return fd_fma(a, b, c); }
-FD_HD float fms_(float a, float b, float c) { return fd_fma(a, b, -c); }   // a b - c
 FD_HD float sqrt_(float a) { return fd_sqrt(a); }
 
 FD_HD int32_t sra_(int32_t i, int n) { return i >> n; }  // arithmetic (two's complement)
-FD_HD int32_t shl_(int32_t i, int n) {
-  return static_cast<int32_t>(static_cast<uint32_t>(i) << n);
-}
 
 // Range reduction shared by the log approximations: u = 2^e (1 + f), 1 + f in [sqrt(1/2), sqrt(2)),
 // f exact. Generic over the value type V (float, or a SIMD vector of floats with its integer
@@ -229,85 +224,6 @@ FD_HD float neg2_log_fast(float u) {
   p = fd_fma(p, f, 0.9999998211860657f);
   p = fd_fma(p, f, -2.0f);
   return fd_fma(e, -1.3862943611198906f, f * p);
-}
-
-// ln u for u in (0, 1], accurate to 0.63 ulp (exhaustively checked against float64): it
-// agrees with PyTorch's float32 log on 99.4 % of the uniforms and is within one ulp on all,
-// which keeps the CPU normals within 1e-6 of the oracle. ln(1 + f) = f - f^2/2 + f^3 P(f)
-// (degree-8 minimax P) with the leading terms summed exactly, plus e ln 2 split hi + lo.
-template <typename V, typename VI>
-FD_HD V log_accurate(const V& u) {
-  V e, f;
-  log_reduce<V, VI>(u, e, f);
-  const V f2 = f * f;
-  V p = V(0.06746608018875122f);
-  p = fma_(p, f, V(-0.11675652861595154f));
-  p = fma_(p, f, V(0.11888178437948227f));
-  p = fma_(p, f, V(-0.1240558996796608f));
-  p = fma_(p, f, V(0.14219550788402557f));
-  p = fma_(p, f, V(-0.1666799634695053f));
-  p = fma_(p, f, V(0.2000211924314499f));
-  p = fma_(p, f, V(-0.25000008940696716f));
-  p = fma_(p, f, V(0.3333331346511841f));
-  const V hf_2 = V(0.5f) * f;
-  const V hf = hf_2 * f;                   // f^2/2 rounded ...
-  const V hf_lo = fms_(hf_2, f, hf);       // ... and its exact rounding error
-  const V s = f - hf;                      // |hf| < |f|: Fast2Sum
-  const V s_err = (f - s) - hf;
-  const V tail = fma_(f2 * f, p, s_err - hf_lo);
-  const V hi = fma_(e, V(0.693145751953125f), s);           // ln 2 hi: e * hi is exact
-  const V hi_err = fms_(e, V(0.693145751953125f), hi) + s;  // Fast2Sum error of hi
-  return hi + (hi_err + fma_(e, V(1.428606765330187e-06f), tail));
-}
-
-// sin and cos of theta in [0, 2 pi + 1], accurate (abs error <= 5.2e-8, within one float32 ulp of
-// PyTorch's): quadrant k = round(theta 2/pi), r = theta - k pi/2 in three parts (the first
-// exact), odd/even minimax polynomials on [-pi/4, pi/4], then swap and sign by k's bits.
-template <typename V, typename VI>
-FD_HD void sincos_accurate(const V& theta, V& sn, V& cs) {
-  const V magic = V(12582912.0f);  // 1.5 2^23: adding it rounds to an integer
-  const V kb = fma_(theta, V(0.6366197723675814f), magic);
-  const V nk = magic - kb;  // -k
-  const VI q = as_int(kb);  // low bits: k mod 4
-  const V r1 = fma_(nk, V(1.5707963705062866f), theta);  // exact
-  const V rh = fma_(nk, V(-4.371139000186241e-08f), r1);
-  V rl = fma_(nk, V(-4.371139000186241e-08f), r1 - rh);
-  rl = fma_(nk, V(-1.7151245100059164e-15f), rl);
-  const V y = rh * rh;
-  // sin r = r + r^3 S(r^2)
-  V ps = V(2.7181140467291698e-06f);
-  ps = fma_(ps, y, V(-0.00019839311426039785f));
-  ps = fma_(ps, y, V(0.008333329111337662f));
-  ps = fma_(ps, y, V(-0.1666666716337204f));
-  const V s = rh + fma_(rh * y, ps, rl);
-  // cos r = 1 - r^2/2 + r^4 C(r^2), with 1 - r^2/2 summed exactly
-  V pc = V(-2.7210168696001347e-07f);
-  pc = fma_(pc, y, V(2.4799519451335073e-05f));
-  pc = fma_(pc, y, V(-0.0013888883404433727f));
-  pc = fma_(pc, y, V(0.0416666679084301f));
-  const V hr = V(0.5f) * y;
-  const V hr_lo = fms_(V(0.5f) * rh, rh, hr);
-  const V w = V(1.0f) - hr;
-  const V w_err = (V(1.0f) - w) - hr;
-  const V c = w + (w_err + fms_(y * y, pc, fma_(rh, rl, hr_lo)));
-  // quadrant: odd k swaps sin and cos; sin < 0 for k mod 4 in {2, 3}, cos < 0 for {1, 2}
-  const VI swap = VI(0) - (q & VI(1));
-  const VI si = as_int(s), ci = as_int(c);
-  const VI sw = (si & ~swap) | (ci & swap);
-  const VI cw = (ci & ~swap) | (si & swap);
-  sn = as_float(sw ^ shl_(q & VI(2), 30));
-  cs = as_float(cw ^ shl_((q + VI(1)) & VI(2), 30));
-}
-
-// Box–Muller of two raw Philox words, CPU accuracy (the same operations for every CPU vector
-// width, so a logical element gets the same bits whatever the machine's SIMD support).
-template <typename V, typename VI>
-FD_HD void box_muller_accurate(const V& u0, const V& u1, V& z0, V& z1) {
-  const V rho = sqrt_(V(-2.0f) * log_accurate<V, VI>(u0));
-  V sn, cs;
-  sincos_accurate<V, VI>(u1 * V(6.2831854820251465f), sn, cs);
-  z0 = rho * cs;
-  z1 = rho * sn;
 }
 
 #if defined(__CUDACC__)
