@@ -265,9 +265,12 @@ class StepCoefficients:
         finite = torch.isfinite(table64[rows]).all(dim=1)
         if not bool(finite.all()):
             bad = rows[~finite].tolist()
+            why = ("a second-order DPM-Solver++ step to σ = 0 there: use final_sigmas_type="
+                   "'zero' or lower_order_final" if method.index_by == "step" else
+                   "ᾱ_t = 0 there: a zero-terminal-SNR schedule needs "
+                   "prediction_type='v_prediction' or 'sample'")
             raise ValueError(f"the schedule gives non-finite step coefficients at rows "
-                             f"{bad[:8]} (ᾱ_t = 0 there: a zero-terminal-SNR schedule needs "
-                             f"prediction_type='v_prediction' or 'sample')")
+                             f"{bad[:8]} ({why})")
         nonzero = [c for c in TERM_COLS if bool((table64[:, c] != 0).any())]
         setters = dict(timesteps=ts, sigmas=sigmas, prev_timesteps=prev, table64=table64,
                        rows=rows, terms=terms_mask(nonzero), index_by=method.index_by,
