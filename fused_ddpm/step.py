@@ -202,7 +202,7 @@ class Prepared:
             return view
         tt = normalize_t(t, batch, self.device, self.rows, self.coeffs)
         if self.h_free is not None and not compiling:
-            self._check_history_rows(t)
+            self._check_history_rows(torch.as_tensor(t))       # t is on the host here
         return tt
 
     def _check_history_rows(self, t) -> None:

@@ -380,3 +380,33 @@ def test_bad_input():
                        ("ddpm", dict(sigmas=[1.0, 0.0])), ("dpmsolver++", dict(eta=0.5))]:
         with pytest.raises(ValueError, match="does not apply"):
             fd.step_coefficients(SCHED, method=method, num_inference_steps=5, **kw)
+
+
+# ----------------------------------------------------------------------------- analytic
+@pytest.mark.parametrize("method, n", [("ddpm", 100), ("ddim", 50), ("dpmsolver++", 25),
+                                       ("sde-dpmsolver++", 40), ("euler_ancestral", 60)])
+def test_guided_sampler_draws_the_guided_gaussian(method, n):
+    """Data x0 ~ N(μ, I) given the condition, N(0, I) without: the exact noise predictions
+    are ε_c = √(1−ᾱ)(x − √ᾱ μ) and ε_u = √(1−ᾱ)·x, so the guided one is the exact ε of
+    N(g·μ, I) at every noise level; a whole guided loop must end there (statistically)."""
+    sched = fd.NoiseSchedule()
+    c = fd.step_coefficients(sched, method=method, num_inference_steps=n)
+    B, mu, g = 20000, 0.8, 2.5
+    gen = torch.Generator().manual_seed(0)
+    x = torch.randn(B, 1, 1, generator=gen, dtype=torch.float64) * c.init_noise_sigma
+    h = None
+    for i in range(len(c.timesteps)):
+        if c.sigmas is not None:
+            abar = 1 / (1 + float(c.sigmas[i]) ** 2)
+            t = i
+        else:
+            t = int(c.timesteps[i])
+            abar = float(sched.alphas_cumprod[t])
+        xin = x * float(c.input_scale[i])
+        eps_u = (1 - abar) ** 0.5 * xin
+        eps_c = (1 - abar) ** 0.5 * (xin - abar ** 0.5 * mu)
+        z = torch.randn(x.shape, generator=gen, dtype=torch.float64)
+        x, h = fd.ddpm_step(x, (eps_u, eps_c), t, c, noise=z, history=h, return_x0=True,
+                            guidance_scale=g, backend="torch")
+    assert abs(float(x.mean()) - g * mu) < 0.05, float(x.mean())
+    assert abs(float(x.std()) - 1.0) < 0.1, float(x.std())
