@@ -26,11 +26,6 @@ from .contract import TERM_COLS, Clip, Col, NoiseStream, Var, terms_mask
 from .methods import METHODS, PREDICTIONS, VARIANCES, lookup
 from .schedule import NoiseSchedule, inference_timesteps, sigmas_at
 
-
-def _final_sigma(kind: str, abar: Tensor) -> float:
-    """The final sigma of ``final_sigmas_type`` ``kind`` for ᾱ ``abar``."""
-    return lookup(methods.FINAL_SIGMAS, "final_sigmas_type", kind)(abar)
-
 __all__ = ["StepConfig", "StepCoefficients", "step_coefficients", "add_noise_coefficients",
            "previous_timesteps", "METHODS", "STEP_METHODS", "PREDICTION_TYPES",
            "VARIANCE_TYPES"]
@@ -490,7 +485,8 @@ def step_coefficients(schedule: NoiseSchedule,
             raise ValueError(f"method={method!r} needs num_inference_steps (or timesteps)")
         ts = spec.timesteps(T, num_inference_steps, spacing, steps_offset)
     if sigmas is None:
-        final = _final_sigma(final_sigmas_type, schedule.alphas_cumprod)
+        final = lookup(methods.FINAL_SIGMAS, "final_sigmas_type",
+                       final_sigmas_type)(schedule.alphas_cumprod)
         sigmas = torch.cat([sigmas_at(schedule.alphas_cumprod, ts.double()),
                             torch.tensor([final], dtype=torch.float64)])
     return StepCoefficients(schedule, cfg, ts, step_gap=step_gap, precision=precision,
