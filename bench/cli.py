@@ -13,9 +13,11 @@ from . import report
 
 EPILOG = """\
 presets:
-  quick   {quick}
-  cpu     {cpu}
-  gpu     {gpu}
+  quick     {quick}
+  cpu       {cpu}
+  gpu       {gpu}
+  headline  {headline}
+  overhead  {overhead}
   (default: gpu on a CUDA machine, cpu otherwise; --providers/--modes/--shapes/--dtypes
   replace that field of the preset)
 
@@ -50,7 +52,8 @@ PROG = f"python -m {__package__ or 'bench'}"
 def _epilog() -> str:
     return EPILOG.format(prog=PROG,
         quick=C.PRESETS["quick"].description, cpu=C.PRESETS["cpu"].description,
-        gpu=C.PRESETS["gpu"].description,
+        gpu=C.PRESETS["gpu"].description, headline=C.PRESETS["headline"].description,
+        overhead=C.PRESETS["overhead"].description,
         providers="\n".join(f"  {k:<10}{v}" for k, v in C.PROVIDERS.items()),
         modes="\n".join(f"  {k:<11}{v}" for k, v in C.MODES.items()),
         shapes=", ".join(f"{k} ({'x'.join(map(str, v))})" for k, v in C.SHAPES.items()))
@@ -93,7 +96,11 @@ def parser() -> argparse.ArgumentParser:
                    help="redraw the PNG plot beside each of these result files and exit")
     p.add_argument("--results-md-path", default=report.RESULTS_MD,
                    help="where --results-md/--record write (default: bench/RESULTS.md)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="cases not started within S seconds are recorded as skipped (the "
+                        "document and table are still written)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no tqdm progress bar: one line per finished case instead")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     return p
@@ -171,7 +178,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = report.RESULTS_DIR if args.record else args.out
     print(f"bench: preset {name} on {runner.device_name(device)} ({device})", file=sys.stderr)
     doc = runner.run(preset, device, name, progress=not args.no_progress, argv=argv,
-                     log=lambda s: print(s, file=sys.stderr))
+                     log=lambda s: print(s, file=sys.stderr, flush=True),
+                     time_limit_s=args.time_limit)
     print(report.header(doc))
     print()
     print(report.table(doc))

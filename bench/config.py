@@ -148,7 +148,12 @@ class Preset:
 ALL_STEP_PROVIDERS = [*FUSED, "reference", "compile", "diffusers", "randn", "copy"]
 LOOP_PROVIDERS = [*FUSED, "sample", "reference", "compile", "diffusers"]
 OVERHEAD_PROVIDERS = [*FUSED, "dropin", "dropin-philox", "diffusers", "add"]
-SEC5_SHAPES = ["sd-latent", "img512-b64"]
+#: the fused backends that run on a CUDA device
+GPU_FUSED = tuple(b for b in FUSED if b in ("cuda", "triton"))
+#: the shapes of docs/design.md's targets (torch.compile is measured at these only)
+TARGET_SHAPES = ["sd-latent", "img512-b64"]
+#: every shape, the targets first (a run with a time limit measures them before the rest)
+SHAPES_TARGETS_FIRST = TARGET_SHAPES + [s for s in SHAPES if s not in TARGET_SHAPES]
 OVERHEAD_SETTINGS = Settings(repeats=15, min_repeat_s=0.01, warmup_s=0.05, loop_repeats=1)
 
 PRESETS: Dict[str, Preset] = {
@@ -176,15 +181,24 @@ PRESETS: Dict[str, Preset] = {
     "gpu": Preset(
         groups=[
             Group([p for p in ALL_STEP_PROVIDERS if p != "compile"], list(STEP_MODES),
-                  list(SHAPES), list(DTYPES)),
+                  SHAPES_TARGETS_FIRST, list(DTYPES)),
             # torch.compile costs seconds of compilation per (shape, dtype, mode): the
-            # section 5 shapes only (run `--providers compile --shapes all` for the rest).
-            Group(["compile"], list(STEP_MODES), SEC5_SHAPES, list(DTYPES)),
+            # target shapes only (run `--providers compile --shapes all` for the rest).
+            Group(["compile"], list(STEP_MODES), TARGET_SHAPES, list(DTYPES)),
             Group(LOOP_PROVIDERS, list(LOOP_MODES), ["sd-latent", "cifar-b128"], list(DTYPES)),
             Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
         ],
         settings=Settings(repeats=25, min_repeat_s=0.001, warmup_s=0.025, loop_repeats=3),
         description="GPU: the headline set - all shapes, dtypes, modes and providers"),
+    # The first numbers a GPU check prints (bench/gpu_check.sh): the fused kernels at the
+    # headline shape against copy and its floor, then the 1000-step loop eager and graphed.
+    "headline": Preset(
+        groups=[Group([*GPU_FUSED, "copy"], list(STEP_MODES), ["img512-b64"], ["fp32", "fp16"]),
+                Group(list(GPU_FUSED), list(LOOP_MODES), ["sd-latent"], ["fp32"])],
+        settings=Settings(repeats=15, min_repeat_s=0.001, warmup_s=0.02, loop_repeats=3),
+        description="GPU headline: cuda and triton at 64x3x512x512 fp32/fp16 (fwd with "
+                    "in-kernel and external noise, bwd) vs copy, and the 1000-step loop "
+                    "eager and graphed on the SD latent (~1 min on an H200)"),
     # Python overhead per call (1x4x8x8): fused_ddpm.ddpm_step and the drop-in vs torch.add.
     "overhead": Preset(
         groups=[Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"])],

@@ -121,12 +121,35 @@ def enumerate_cases(preset: Preset) -> List[dict]:
     for c in cases:
         if c["shape_name"] not in shapes:
             shapes.append(c["shape_name"])
-    # baselines first per (shape, dtype); expensive compile cases are fine anywhere
-    # CUDA-graph captures last: a failed capture can spoil the CUDA context for what follows
-    cases.sort(key=lambda c: (c["mode"] == "loop-graph", shapes.index(c["shape_name"]),
-                              list(DTYPES).index(c["dtype"]), morder[c["mode"]],
-                              order[c["provider"]]))
+    # baselines first per (shape, dtype); torch.compile cases (seconds of compilation
+    # each) last, so that a run with a time limit measures everything else first; CUDA-graph
+    # captures after the other cases of the fused steps: a failed capture can spoil the CUDA
+    # context for what follows (torch.compile has no loop-graph case to capture)
+    cases.sort(key=lambda c: (c["provider"] == "compile", c["mode"] == "loop-graph",
+                              shapes.index(c["shape_name"]), list(DTYPES).index(c["dtype"]),
+                              morder[c["mode"]], order[c["provider"]]))
     return cases
+
+
+def new_row(case: dict) -> dict:
+    """A case's row before it is measured: what it is and its byte floor (status None)."""
+    name, shape = parse_shape(case["shape_name"])
+    dtype = DTYPES[case["dtype"]]
+    numel = 1
+    for s in shape:
+        numel *= s
+    esize = torch.tensor([], dtype=dtype).element_size()
+    mode, prov = case["mode"], case["provider"]
+    passes = PASSES[prov] if mode == "baseline" else PASSES[mode]
+    steps = LOOP_STEPS if mode in LOOP_MODES else 1
+    return {"provider": prov, "mode": mode, "shape_name": name, "shape": list(shape),
+            "dtype": case["dtype"], "numel": numel, "passes": passes, "steps": steps,
+            "bytes": passes * numel * esize * steps, "status": None, "reason": None}
+
+
+def skipped_row(case: dict, reason: str) -> dict:
+    """The row of a case that was not started (status "skipped")."""
+    return dict(new_row(case), status="skipped", reason=reason)
 
 
 def _classify(e: BaseException) -> str:
@@ -144,18 +167,9 @@ def _short(e: BaseException) -> str:
 
 
 def run_case(case: dict, device: torch.device, settings) -> dict:
-    name, shape = parse_shape(case["shape_name"])
-    dtype = DTYPES[case["dtype"]]
-    numel = 1
-    for s in shape:
-        numel *= s
-    esize = torch.tensor([], dtype=dtype).element_size()
-    mode, prov = case["mode"], case["provider"]
-    passes = PASSES[prov] if mode == "baseline" else PASSES[mode]
-    steps = LOOP_STEPS if mode in LOOP_MODES else 1
-    row = {"provider": prov, "mode": mode, "shape_name": name, "shape": list(shape),
-           "dtype": case["dtype"], "numel": numel, "passes": passes, "steps": steps,
-           "bytes": passes * numel * esize * steps, "status": None, "reason": None}
+    row = new_row(case)
+    mode, prov, steps = row["mode"], row["provider"], row["steps"]
+    shape, dtype = tuple(row["shape"]), DTYPES[row["dtype"]]
     try:
         fn, nbuf = P.build(prov, mode, shape, dtype, device, settings.rotate)
         row["buffers"] = nbuf
@@ -232,9 +246,27 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def progress_line(r: dict) -> str:
+    """One line for a finished row: the case, its status, and its time when measured."""
+    line = (f"  {r['provider']:>9} {r['mode']:<10} {r['shape_name']:<16} {r['dtype']:<5}"
+            f" {r['status']}")
+    if r["status"] == "ok":
+        line += f" {r['median_us']:.1f} us"
+        if r.get("per_step_us") is not None:
+            line += f" ({r['per_step_us']:.2f} us/step)"
+    elif r["reason"]:
+        line += f" ({r['reason'][:120]})"
+    return line
+
+
 def run(preset: Preset, device: torch.device, preset_name: str = "custom",
-        progress: bool = True, argv: Optional[List[str]] = None, log=None) -> dict:
-    """Run every case of ``preset`` on ``device``; returns the result document."""
+        progress: bool = True, argv: Optional[List[str]] = None, log=None,
+        time_limit_s: Optional[float] = None) -> dict:
+    """Run every case of ``preset`` on ``device``; returns the result document.
+
+    ``log(line)`` gets one line per finished case (when there is no progress bar).
+    ``time_limit_s``: cases not started within this many seconds of the start become rows
+    with status "skipped" (so a run inside a fixed window still returns its document)."""
     settings = preset.settings
     cases = enumerate_cases(preset)
     t_start = time.perf_counter()
@@ -251,13 +283,15 @@ def run(preset: Preset, device: torch.device, preset_name: str = "custom",
         if bar is not None:
             bar.set_postfix_str(f"{c['provider']} {c['mode']} {c['shape_name']} {c['dtype']}",
                                 refresh=False)
-        rows.append(run_case(c, device, settings))
+        if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
+            rows.append(skipped_row(c, f"not run: the run's time limit ({time_limit_s:g} s) "
+                                       f"was reached"))
+        else:
+            rows.append(run_case(c, device, settings))
         if bar is not None:
             bar.update(1)
         elif log is not None:
-            r = rows[-1]
-            log(f"  {r['provider']:>9} {r['mode']:<10} {r['shape_name']:<16} {r['dtype']:<5}"
-                f" {r['status']}")
+            log(progress_line(rows[-1]))
     if bar is not None:
         bar.close()
     derive(rows)
@@ -270,7 +304,9 @@ def run(preset: Preset, device: torch.device, preset_name: str = "custom",
         "commit": git_commit(),
         "dirty": git_dirty(),
         "preset": preset_name,
-        "command": "python -m bench " + " ".join(argv) if argv is not None else None,
+        "command": (f"python -m {__package__ or 'bench'} " + " ".join(argv)
+                    if argv is not None else None),
+        "time_limit_s": time_limit_s,
         "settings": {"repeats": settings.repeats, "min_repeat_s": settings.min_repeat_s,
                      "warmup_s": settings.warmup_s, "loop_repeats": settings.loop_repeats,
                      "timer": settings.timer, "rotate": settings.rotate,

@@ -1,6 +1,6 @@
 """The benchmark harness runs on the CPU in a tiny configuration and writes what it says.
 
-Timings are never asserted (DESIGN.md §5): only that the harness runs, records the
+Timings are never asserted (they are benchmarks): only that the harness runs, records the
 documented fields, reports unavailable providers instead of crashing, and regenerates
 RESULTS.md from JSON.
 """
@@ -54,7 +54,7 @@ def test_rows(doc):
     for r in rows:
         for f in ROW_FIELDS:
             assert f in r, (f, r)
-        assert r["status"] in ("ok", "unavailable", "unsupported", "error")
+        assert r["status"] in ("ok", "unavailable", "unsupported", "error", "skipped")
         if r["status"] == "ok":
             for f in OK_FIELDS:
                 assert f in r, (f, r)
