@@ -6,11 +6,13 @@ import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .config import DTYPES, FUSED, MODES, PROVIDERS
+from .config import DTYPES, FUSED, MODES, PRESETS, PROVIDERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 RESULTS_DIR = os.path.join(HERE, "results")
+#: the SASS budget table (.ci/sass_budget.py's output) shown while no GPU run is recorded
+SASS_ESTIMATE = os.path.join(RESULTS_DIR, "sass-estimate-sm90.txt")
 #: providers drawn bold in tables and thick in plots: the fused step itself
 FUSED_OR_SAMPLE = FUSED + ("sample",)
 #: one colour per provider, the same in every panel and every run (matplotlib's tab10)
@@ -218,17 +220,47 @@ def load(paths: Iterable[str]) -> List[dict]:
     return docs
 
 
-def results_md(paths: Iterable[str], out: str = RESULTS_MD) -> str:
-    """Regenerate ``out`` from result JSON files: the latest GPU run and the latest CPU run
-    (by date). Returns the text written."""
+def static_estimate(path: str = SASS_ESTIMATE) -> Optional[str]:
+    """The GPU section's stand-in while no GPU run is recorded: the SASS budget table of
+    ``.ci/sass_budget.py`` kept in ``path`` (its provenance in the file's first lines), as
+    Markdown; None when there is no such file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = f.read().rstrip().splitlines()
+    notes = [ln[2:] for ln in lines if ln.startswith("# ")]
+    table_lines = [ln for ln in lines if not ln.startswith("#")]
+    return "\n".join([
+        "### Static estimate (until a GPU run replaces it)",
+        "",
+        "Predicted time of the 64x3x512x512 step on an H200 from SASS instruction issue "
+        "alone (instructions per element from the compiled kernels, at IPC 0.8; `issue us`), "
+        "next to the memory floor of that step (`floor us`): a kernel is predicted to run at "
+        "the larger of the two. Not a measurement.",
+        "",
+        *(f"- {n}" for n in notes),
+        "",
+        "```",
+        *table_lines,
+        "```",
+        ""])
+
+
+def results_md(paths: Iterable[str], out: str = RESULTS_MD,
+               estimate: Optional[str] = SASS_ESTIMATE) -> str:
+    """Regenerate ``out`` from result JSON files: per device kind (GPU, then CPU) the latest
+    run (by date) of each preset; with no GPU run, the static estimate kept in ``estimate``
+    (:func:`static_estimate`). Returns the text written."""
     docs = load(paths)
     if not docs:
         raise ValueError("no result files given")
-    latest: Dict[str, dict] = {}
+    latest: Dict[str, Dict[str, dict]] = {"cuda": {}, "cpu": {}}
     for d in docs:
         kind = "cuda" if d.get("device_type") == "cuda" else "cpu"
-        if kind not in latest or d["date"] > latest[kind]["date"]:
-            latest[kind] = d
+        runs = latest[kind]
+        preset = d.get("preset") or "custom"
+        if preset not in runs or d["date"] > runs[preset]["date"]:
+            runs[preset] = d
     outdir = os.path.dirname(os.path.abspath(out))
     parts = [
         "# Benchmark results",
@@ -249,21 +281,33 @@ def results_md(paths: Iterable[str], out: str = RESULTS_MD) -> str:
         "(diffusers cannot take external noise: its own-noise row is used for fwd-noise).",
         "",
     ]
+    order = {p: i for i, p in enumerate(PRESETS)}
     for kind, title in (("cuda", "GPU"), ("cpu", "CPU")):
-        d = latest.get(kind)
-        parts.append(f"## {title}: latest run\n")
-        if d is None:
+        runs = sorted(latest[kind].values(),
+                      key=lambda d: (order.get(d.get("preset"), len(order)), d["date"]))
+        if not runs:
+            parts.append(f"## {title}: latest run\n")
             cmd = "--preset gpu" if kind == "cuda" else "--preset cpu --threads 1"
             parts.append(f"No {title} run recorded yet (`python -m bench {cmd} --record`).\n")
+            est = static_estimate(estimate) if kind == "cuda" and estimate else None
+            if est:
+                parts.append(est)
             continue
-        parts.append(header(d))
-        parts.append(f"- source: `{os.path.relpath(d['_path'], outdir)}`")
-        png = os.path.splitext(d["_path"])[0] + ".png"
-        parts.append("")
-        if os.path.exists(png):
-            parts.append(f"![time vs size]({os.path.relpath(png, outdir)})\n")
-        parts.append(table(d))
+        for d in runs:
+            parts.append(f"## {title}: latest run (preset `{d.get('preset')}`)\n")
+            section(parts, d, outdir)
     text = "\n".join(parts).rstrip() + "\n"
     with open(out, "w") as f:
         f.write(text)
     return text
+
+
+def section(parts: List[str], d: dict, outdir: str) -> None:
+    """Append one run's header, plot and tables to ``parts``."""
+    parts.append(header(d))
+    parts.append(f"- source: `{os.path.relpath(d['_path'], outdir)}`")
+    png = os.path.splitext(d["_path"])[0] + ".png"
+    parts.append("")
+    if os.path.exists(png):
+        parts.append(f"![time vs size]({os.path.relpath(png, outdir)})\n")
+    parts.append(table(d))

@@ -97,6 +97,7 @@ def test_cli_json_and_results_md(tmp_path):
     assert len(files) == 1
     d = json.loads(files[0].read_text())
     assert d["preset"] == "custom" and d["rows"]
+    assert d["command"].startswith("python -m bench --device cpu")   # as it was run
     by = {(r["provider"], r["mode"]): r for r in d["rows"]}
     assert by[("reference", "fwd-seeds")]["status"] == "ok"
     assert by[("reference", "loop-graph")]["status"] == "unsupported"
@@ -165,3 +166,48 @@ def test_overhead_mode_reports_ratios_to_add():
         assert r["x_add"] == pytest.approx(r["median_us"] / by["add"]["median_us"])
         assert f"{prov} tiny fp32" in d["overhead"]
     assert "× torch.add" in report.header(d)
+
+
+def test_results_md_static_estimate_until_a_gpu_run(tmp_path, doc):
+    est = tmp_path / "sass.txt"
+    est.write_text("# date: 2026-01-01\nbackend variant  instr/elem\ncuda    fwd fp32  31.3\n")
+    cpu = tmp_path / "cpu.json"
+    report.write_json(doc, str(cpu))
+    text = report.results_md([str(cpu)], str(tmp_path / "R.md"), estimate=str(est))
+    gpu_part = text[text.index("## GPU"):text.index("## CPU")]
+    assert "No GPU run recorded yet" in gpu_part
+    assert "until a GPU run replaces it" in gpu_part and "cuda    fwd fp32  31.3" in gpu_part
+    assert "- date: 2026-01-01" in gpu_part
+    gpu = tmp_path / "gpu.json"
+    report.write_json(dict(doc, device_type="cuda", device="NVIDIA Test GPU", preset="gpu"),
+                      str(gpu))
+    text = report.results_md([str(cpu), str(gpu)], str(tmp_path / "R.md"), estimate=str(est))
+    assert "31.3" not in text and "NVIDIA Test GPU" in text
+
+
+def test_results_md_keeps_the_latest_run_of_each_preset(tmp_path, doc):
+    paths = []
+    for i, d in enumerate((dict(doc, preset="cpu"), dict(doc, preset="overhead"),
+                           dict(doc, preset="cpu", date="2000-01-01T00:00:00+00:00",
+                                device="Old CPU"))):
+        p = tmp_path / f"r{i}.json"
+        report.write_json(d, str(p))
+        paths.append(str(p))
+    text = report.results_md(paths, str(tmp_path / "R.md"), estimate=None)
+    assert text.index("## CPU: latest run (preset `cpu`)") < \
+        text.index("## CPU: latest run (preset `overhead`)")
+    assert "Old CPU" not in text
+
+
+def test_time_limit_records_the_rest_as_skipped():
+    preset = Preset([Group(["reference", "copy"], ["fwd-seeds", "fwd-noise"], ["1x4x8x8"],
+                           ["fp32"])], TINY)
+    d = bench.run(preset, torch.device("cpu"), "test", progress=False, time_limit_s=0.0)
+    assert d["time_limit_s"] == 0.0 and d["rows"]
+    for r in d["rows"]:
+        assert r["status"] == "skipped" and "time limit" in r["reason"], r
+        assert r["bytes"] > 0 and r["numel"] == 256
+    lines = []
+    d = bench.run(preset, torch.device("cpu"), "test", progress=False, log=lines.append)
+    assert [r["status"] for r in d["rows"]] == ["ok"] * len(d["rows"])
+    assert len(lines) == len(d["rows"]) and all(" ok " in ln and " us" in ln for ln in lines)
