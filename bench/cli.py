@@ -29,6 +29,8 @@ modes (plus 'baseline', where copy and randn are recorded once per shape and dty
 
 shapes: {shapes}  (or explicit, e.g. 2x4x32x32)
 dtypes: fp32, fp16, bf16
+methods: ddpm (default), dpmsolver++, sde-dpmsolver++, euler_ancestral (issue #14: the same
+  step rows, fused vs diffusers' stock scheduler and the drop-in)
 
 output:
   the table goes to stdout. Files only when asked: --out DIR writes the JSON document and
@@ -73,6 +75,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma list, or 'all'")
     p.add_argument("--shapes", help="comma list of names or BxCxHxW specs, or 'all'")
     p.add_argument("--dtypes", help="comma list of fp32,fp16,bf16, or 'all'")
+    p.add_argument("--methods", help="comma list of step methods (ddpm, dpmsolver++, "
+                                     "sde-dpmsolver++, euler_ancestral), or 'all'")
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
     p.add_argument("--loop-repeats", type=int, help="timed repeats of a 1000-step loop")
     p.add_argument("--min-repeat-ms", type=float,
@@ -111,9 +115,10 @@ def build_preset(args, device) -> tuple:
                                                         else "cpu"))
     base = C.PRESETS[name]
     explicit = any(v is not None for v in (args.providers, args.modes, args.shapes,
-                                           args.dtypes))
+                                           args.dtypes, args.methods))
     sel = (C.parse_providers(args.providers), C.parse_modes(args.modes),
-           C.parse_shapes(args.shapes), C.parse_dtypes(args.dtypes))
+           C.parse_shapes(args.shapes), C.parse_dtypes(args.dtypes),
+           C.parse_methods(args.methods))
     if explicit and args.preset is None and not args.quick:
         # no preset named: one group; unspecified fields come from the default preset
         preset = C.union(base, *sel)
@@ -173,7 +178,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.list:
         for c in runner.enumerate_cases(preset):
-            print(c["provider"], c["mode"], c["shape_name"], c["dtype"])
+            print(c["provider"], c["mode"], c["shape_name"], c["dtype"],
+                  *([] if c["method"] == "ddpm" else [c["method"]]))
         return 0
     out = report.RESULTS_DIR if args.record else args.out
     print(f"bench: preset {name} on {runner.device_name(device)} ({device})", file=sys.stderr)

@@ -6,7 +6,7 @@ import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .config import DTYPES, FUSED, MODES, PRESETS, PROVIDERS
+from .config import DTYPES, FUSED, METHODS, MODES, PRESETS, PROVIDERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
@@ -71,12 +71,15 @@ def table(doc: dict, markdown: bool = True) -> str:
     rows = [r for r in doc["rows"] if r["status"] == "ok"]
     out: List[str] = []
     modes = ["baseline"] + list(MODES)
-    for mode in modes:
-        mrows = sorted((r for r in rows if r["mode"] == mode), key=_sort_key)
+    for method, mode in [(me, mo) for me in METHODS for mo in modes]:
+        mrows = sorted((r for r in rows if r["mode"] == mode and
+                        r.get("method", "ddpm") == method), key=_sort_key)
         if not mrows:
             continue
         title = {"baseline": "baseline: copy (bandwidth ceiling) and torch.randn (noise floor)"
                  }.get(mode, f"{mode}: {MODES.get(mode, '')}")
+        if method != "ddpm":
+            title = f"{method}, {title}"
         out.append(f"### {title}\n")
         cols = _columns(mode.startswith("loop"))
         cells = [[cell(r) for _, cell in cols] for r in mrows]
@@ -91,11 +94,14 @@ def table(doc: dict, markdown: bool = True) -> str:
         out.append("### not measured\n")
         groups: Dict[tuple, List[dict]] = {}
         for r in skipped:
-            groups.setdefault((r["provider"], r["status"], r["reason"]), []).append(r)
+            method = r.get("method", "ddpm")
+            prov = r["provider"] if method == "ddpm" else f"{r['provider']} [{method}]"
+            groups.setdefault((prov, r["status"], r["reason"]), []).append(r)
         out.append("| provider | status | cases | reason |")
         out.append("|---|---|---:|---|")
         for (prov, status, reason), rs in sorted(
-                groups.items(), key=lambda kv: (list(PROVIDERS).index(kv[0][0]), kv[0][1])):
+                groups.items(), key=lambda kv: (list(PROVIDERS).index(kv[0][0].split()[0]),
+                                                kv[0][0], kv[0][1])):
             modes_ = sorted({r["mode"] for r in rs}, key=lambda m: modes.index(m)
                             if m in modes else 99)
             reason = (reason or "").replace("|", "\\|")
@@ -157,7 +163,8 @@ def plot(doc: dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except Exception as e:
         return f"plot skipped: matplotlib is not available ({e.__class__.__name__})"
-    rows = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] != "baseline"]
+    rows = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] != "baseline"
+            and r.get("method", "ddpm") == "ddpm"]
     panels = sorted({(r["dtype"], r["mode"]) for r in rows},
                     key=lambda p: (list(DTYPES).index(p[0]), list(MODES).index(p[1])))
     if not panels:

@@ -211,3 +211,47 @@ def test_time_limit_records_the_rest_as_skipped():
     d = bench.run(preset, torch.device("cpu"), "test", progress=False, log=lines.append)
     assert [r["status"] for r in d["rows"]] == ["ok"] * len(d["rows"])
     assert len(lines) == len(d["rows"]) and all(" ok " in ln and " us" in ln for ln in lines)
+
+
+@pytest.mark.parametrize("method", ["ddpm", "dpmsolver++", "sde-dpmsolver++",
+                                    "euler_ancestral"])
+def test_fused_and_stock_rows_time_the_same_step(method):
+    """Each method's fused row and diffusers row compute the same step (same state, same
+    noise), so their ratio compares like with like."""
+    pytest.importorskip("diffusers")
+    from bench import providers as P
+    from bench.config import METHODS
+    dev, shape = torch.device("cpu"), (2, 4, 8, 9)
+    (b,) = P._inputs(shape, torch.float32, dev, 1, history=METHODS[method].multistep)
+    stock = P._step_fn("diffusers", "fwd-seeds", dev, shape, method)(b["x"], b["m"], None,
+                                                                     b.get("h"))
+    # the stock step's noise: the same generator state as its first call draws from
+    z = torch.randn(shape, generator=torch.Generator().manual_seed(0))
+    mode = "fwd-noise" if METHODS[method].noise else "fwd-seeds"
+    fused = P._step_fn("torch", mode, dev, shape, method)(b["x"], b["m"], z, b.get("h"))
+    y = fused[0] if METHODS[method].multistep else fused
+    torch.testing.assert_close(y, stock, rtol=1e-4, atol=1e-5)
+
+
+def test_method_rows_and_their_byte_floor():
+    preset = Preset([Group(["cpu", "diffusers", "dropin", "copy"],
+                           ["fwd-seeds", "fwd-noise", "bwd"], ["1x4x8x8"], ["fp32"],
+                           ["dpmsolver++", "euler_ancestral"])], TINY)
+    d = bench.run(preset, torch.device("cpu"), "test", progress=False)
+    by = {(r["provider"], r["mode"], r["method"]): r for r in d["rows"]}
+    for method, fwd_passes in (("dpmsolver++", 5), ("euler_ancestral", 3)):
+        r = by[("cpu", "fwd-seeds", method)]
+        assert r["status"] == "ok", r
+        assert r["passes"] == fwd_passes and r["bytes"] == fwd_passes * 256 * 4
+        assert by[("cpu", "bwd", method)]["status"] == "ok"
+        dropin = by[("dropin", "fwd-seeds", method)]
+        assert dropin["status"] in ("ok", "unavailable"), dropin
+        if "diffusers" in d["versions"] and d["versions"]["diffusers"]:
+            assert by[("diffusers", "fwd-seeds", method)]["status"] == "ok"
+            assert r["speedup_vs_diffusers"] is not None
+        assert ("dropin", "bwd", method) not in by        # drop-ins: fwd-seeds, overhead
+    assert by[("cpu", "fwd-noise", "dpmsolver++")]["status"] == "unsupported"
+    assert by[("cpu", "fwd-noise", "euler_ancestral")]["status"] == "ok"
+    assert by[("copy", "baseline", "ddpm")]["status"] == "ok"
+    text = report.table(d)
+    assert "### dpmsolver++, fwd-seeds:" in text and "### euler_ancestral, bwd:" in text
