@@ -18,7 +18,7 @@ JSON document (one per run; ``bench/results/<preset>-<device>.json``), schema_ve
 * ``settings``: ``repeats``, ``min_repeat_s``, ``warmup_s``, ``loop_repeats``, ``timer``,
   ``rotate``, ``torch_threads``, ``cache_bytes``.
 * ``backends``: ``fused_ddpm.backends()`` at run time.
-* ``rows``: one per (provider, mode, shape, dtype), each with
+* ``rows``: one per (provider, mode, shape, dtype, method), each with
   ``provider``, ``mode`` (fwd-seeds | fwd-noise | bwd | loop | loop-graph | baseline),
   ``shape_name``, ``shape`` (list), ``dtype`` (fp32 | fp16 | bf16), ``numel``, ``passes``
   (tensor passes of the byte floor), ``steps`` (1, or 1000 for loops), ``bytes`` (minimal
@@ -33,7 +33,10 @@ JSON document (one per run; ``bench/results/<preset>-<device>.json``), schema_ve
   measured for this shape and dtype), ``floor_us`` (bytes / copy bandwidth),
   ``fraction_of_floor`` (floor_us / median_us = gbps / copy_gbps; 1.0 = at the floor),
   ``speedup_vs_diffusers`` and ``speedup_vs_compile`` (their median / this median, same
-  mode, shape and dtype; null when that peer was not measured).
+  mode, shape, dtype and method; null when that peer was not measured), ``x_add`` (mode
+  overhead: the median over repeats of this call's time / a torch.add of the same tensor
+  timed just before it). Every row has ``method`` (ddpm | dpmsolver++ | sde-dpmsolver++ |
+  euler_ancestral; the baselines and torch.add: ddpm).
 """
 from .config import MODES, PRESETS, PROVIDERS, SHAPES, Group, Preset, Settings, override
 from .runner import SCHEMA_VERSION, enumerate_cases, resolve_device, run

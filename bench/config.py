@@ -102,7 +102,8 @@ MODES: Dict[str, str] = {
     "overhead": "Python overhead: per-call time of one step on a tiny tensor (fused: "
                 "fused_ddpm.ddpm_step with int t and a seeds tensor; dropin: "
                 "FusedDDPMScheduler.step as a pipeline calls it), reported as a ratio to "
-                "torch.add of the same tensor in the same run (x_add)",
+                "torch.add of the same tensor timed just before it in every repeat (x_add: the "
+                "median of those ratios, robust to a busy machine)",
 }
 STEP_MODES = ("fwd-seeds", "fwd-noise", "bwd")
 LOOP_MODES = ("loop", "loop-graph")

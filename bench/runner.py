@@ -6,6 +6,7 @@ import datetime as _dt
 import gc
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -181,6 +182,12 @@ def run_case(case: dict, device: torch.device, settings) -> dict:
         row["buffers"] = nbuf
         if mode in LOOP_MODES:
             tm = timing.time_once_each(fn, device, settings.loop_repeats)
+        elif mode == "overhead" and prov != "add":
+            # torch.add timed just before each repeat: x_add from ratios under equal load
+            add, _ = P.build("add", mode, shape, dtype, device, settings.rotate)
+            tm, ratios = timing.time_paired(fn, add, device, settings.repeats,
+                                            settings.min_repeat_s, settings.warmup_s)
+            row["x_add"] = statistics.median(ratios)
         else:
             tm = timing.measure(fn, device, settings.timer, settings.repeats,
                                 settings.min_repeat_s, settings.warmup_s)
@@ -224,7 +231,7 @@ def derive(rows: List[dict]) -> None:
             continue
         method = r.get("method", "ddpm")
         add = by.get(("add", "overhead", r["shape_name"], r["dtype"], "ddpm"))
-        if r["mode"] == "overhead" and add is not None:
+        if r["mode"] == "overhead" and add is not None and r["x_add"] is None:
             r["x_add"] = r["median_us"] / add["median_us"]
         c = copy.get(key(r))
         if c is not None:

@@ -163,7 +163,8 @@ def test_overhead_mode_reports_ratios_to_add():
     for prov in ("torch", "dropin"):
         r = by[prov]
         assert r["status"] == "ok", r
-        assert r["x_add"] == pytest.approx(r["median_us"] / by["add"]["median_us"])
+        # the median of per-repeat ratios to a torch.add timed beside it
+        assert isinstance(r["x_add"], float) and 0 < r["x_add"] < float("inf")
         assert f"{prov} tiny fp32" in d["overhead"]
     assert "× torch.add" in report.header(d)
 
