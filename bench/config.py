@@ -263,13 +263,15 @@ PRESETS: Dict[str, Preset] = {
             Group(["compile"], list(STEP_MODES), TARGET_SHAPES, list(DTYPES)),
             Group(LOOP_PROVIDERS, list(LOOP_MODES), ["sd-latent", "cifar-b128"], list(DTYPES)),
             Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
-            Group(METHOD_STEP_PROVIDERS, list(STEP_MODES), SHAPES_TARGETS_FIRST, list(DTYPES),
+            # the new methods at the target shapes (every shape: --methods ... --shapes all)
+            Group(METHOD_STEP_PROVIDERS, list(STEP_MODES), TARGET_SHAPES, list(DTYPES),
                   NEW_METHODS),
             Group(METHOD_OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"],
                   NEW_METHODS),
         ],
         settings=Settings(repeats=25, min_repeat_s=0.001, warmup_s=0.025, loop_repeats=3),
-        description="GPU: the headline set - all shapes, dtypes, modes and providers"),
+        description="GPU: the headline set - all shapes, dtypes, modes and providers; "
+                    "DPM-Solver++ (2M, SDE) and Euler ancestral at the target shapes"),
     # The first numbers a GPU check prints (bench/gpu_check.sh): the fused kernels at the
     # headline shape against copy and its floor, then the 1000-step loop eager and graphed.
     "headline": Preset(
