@@ -93,7 +93,8 @@ try:  # diffusers is optional
 except ImportError as _e:  # pragma: no cover - exercised in a test with diffusers hidden
     _DIFFUSERS_ERROR = _e
 
-__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "NOISE_SOURCES", "FUSED_PATHS",
+__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "FusedDPMSolverMultistepScheduler",
+           "FusedEulerAncestralDiscreteScheduler", "NOISE_SOURCES", "FUSED_PATHS",
            "StockFallbackWarning", "schedule_from_alphas_cumprod"]
 
 NOISE_SOURCES = ("randn", "philox")
@@ -125,7 +126,8 @@ def schedule_from_alphas_cumprod(alphas_cumprod: Tensor) -> NoiseSchedule:
     abar = alphas_cumprod.detach().to("cpu", torch.float64).flatten()
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
     betas = torch.where(prev > 0, 1.0 - abar / prev.clamp(min=1e-300), torch.ones_like(abar))
-    return NoiseSchedule(num_train_timesteps=abar.numel(), trained_betas=betas.clamp(0.0, 1.0).tolist())
+    return NoiseSchedule(num_train_timesteps=abar.numel(),
+                         trained_betas=betas.clamp(0.0, 1.0).tolist())
 
 
 @dataclass(frozen=True)
@@ -217,6 +219,24 @@ def _output(cls, **values):
         OrderedDict.__setitem__(out, name, value)
         object.__setattr__(out, name, value)
     return out
+
+
+class _MissingDiffusers(type):
+    """Metaclass of the stand-ins used without diffusers: any use raises the install hint."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError(f"{cls.__name__}: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
+
+
+def _stand_in(name: str) -> type:
+    """A class named ``name`` whose construction or use raises the install hint."""
+    def __init__(self, *args, **kwargs):
+        raise ImportError(f"{name}: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
+    return _MissingDiffusers(name, (), {"__init__": __init__, "__doc__":
+                                        "Stand-in: diffusers is not installed "
+                                        "(``pip install diffusers``)."})
 
 
 # ----------------------------------------------------------------------------- mixin
@@ -346,28 +366,36 @@ class _FusedStepMixin:
         random numbers (a fixed seed feeds the in-kernel noise that σ = 0 discards)."""
         return None, 0
 
-    def _draw_noise(self, generator, sample: Tensor, model_output: Tensor):
+    def _draw_noise(self, generator, sample: Tensor, model_output: Tensor,
+                    dtype: Optional[torch.dtype] = None):
+        """(noise, seeds): z ``[sample.shape]`` drawn as diffusers draws it (in ``dtype``,
+        default the model output's), or Philox seeds."""
         if self.noise == "philox":
             return None, self._draw_seeds(generator, sample.shape[0], sample.device)
         device = model_output.device
+        dtype = model_output.dtype if dtype is None else dtype
         if generator is None or (type(generator) is torch.Generator and
                                  generator.device.type == device.type):
             # what randn_tensor does for one generator on the sample's device type
-            z = torch.randn(sample.shape, generator=generator, device=device,
-                            dtype=model_output.dtype)
+            z = torch.randn(sample.shape, generator=generator, device=device, dtype=dtype)
         else:
             z = randn_tensor(tuple(sample.shape), generator=generator, device=device,
-                             dtype=model_output.dtype)
+                             dtype=dtype)
         return z, None
 
     def _fused_step(self, model_output: Tensor, t, sample: Tensor, coeffs: StepCoefficients,
-                    noise, seeds) -> Tuple[Tensor, Tensor]:
+                    noise, seeds, history: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if model_output.dtype != sample.dtype:
             model_output = model_output.to(sample.dtype)
         if noise is not None and noise.dtype != sample.dtype:
             noise = noise.to(sample.dtype)
+        if history is None:
+            return ddpm_step(sample, model_output, t, coeffs, noise=noise, seeds=seeds,
+                             return_x0=True, backend=self.backend)
+        if history.dtype != sample.dtype:
+            history = history.to(sample.dtype)
         return ddpm_step(sample, model_output, t, coeffs, noise=noise, seeds=seeds,
-                         return_x0=True, backend=self.backend)
+                         return_x0=True, backend=self.backend, history=history)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -571,22 +599,9 @@ if _DIFFUSERS_ERROR is None:
                            pred_original_sample=x0)
 
 else:
-    class _MissingDiffusers(type):
-        """Metaclass of the stand-ins: any use raises the install hint."""
+    FusedDDPMScheduler = _stand_in("FusedDDPMScheduler")            # type: ignore[misc]
+    FusedDDIMScheduler = _stand_in("FusedDDIMScheduler")            # type: ignore[misc]
 
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            raise ImportError(f"{cls.__name__}: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
-
-    class FusedDDPMScheduler(metaclass=_MissingDiffusers):  # type: ignore[no-redef]
-        """Stand-in: diffusers is not installed (``pip install diffusers``)."""
-
-        def __init__(self, *args, **kwargs):
-            raise ImportError(f"FusedDDPMScheduler: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
-
-    class FusedDDIMScheduler(metaclass=_MissingDiffusers):  # type: ignore[no-redef]
-        """Stand-in: diffusers is not installed (``pip install diffusers``)."""
-
-        def __init__(self, *args, **kwargs):
-            raise ImportError(f"FusedDDIMScheduler: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
+# the DPM-Solver++ and Euler-ancestral drop-ins (they build on the mixin above)
+from .diffusers_samplers import (FusedDPMSolverMultistepScheduler,  # noqa: E402
+                                 FusedEulerAncestralDiscreteScheduler)
