@@ -246,6 +246,32 @@ def test_euler_ancestral_stock_behaviour_kept():
             sched.step(x, stock.timesteps[0], x)
 
 
+# ----------------------------------------------------------------------------- dtypes
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float64])
+def test_dtypes_match_stock(dtype):
+    """Samples and model outputs in half and double precision: the output dtype is stock's,
+    and every step (from stock's sample) agrees to about one rounding of that dtype (stock
+    computes the update in float32, the kernels in float32 registers)."""
+    tol = {torch.float16: 2e-3, torch.bfloat16: 1.6e-2, torch.float64: RTOL}[dtype]
+    cases = [(FusedDPMSolverMultistepScheduler, DPMSolverMultistepScheduler, {}),
+             (FusedDPMSolverMultistepScheduler, DPMSolverMultistepScheduler,
+              dict(algorithm_type="sde-dpmsolver++", solver_type="heun")),
+             (FusedEulerAncestralDiscreteScheduler, EulerAncestralDiscreteScheduler, {})]
+    for fused_cls, stock_cls, cfg in cases:
+        fused, stock = pair(fused_cls, stock_cls, "torch", 8, **cfg)
+        x = (torch.randn(SHAPE, generator=torch.Generator().manual_seed(0)) *
+             stock.init_noise_sigma).to(dtype)
+        ga, gb = torch.Generator().manual_seed(1), torch.Generator().manual_seed(1)
+        for t in stock.timesteps:
+            m = model(stock.scale_model_input(x, t), t).to(dtype)
+            fused.scale_model_input(x, t)
+            a = fused.step(m, t, x, generator=ga).prev_sample
+            b = stock.step(m, t, x, generator=gb).prev_sample
+            assert a.dtype == b.dtype == dtype
+            assert rel_err(a, b) <= tol, (fused_cls.__name__, cfg, int(t))
+            x = b
+
+
 # ----------------------------------------------------------------------------- Philox noise
 @pytest.mark.parametrize("which", ["dpm_sde", "euler"])
 def test_philox_noise_equals_stock_with_that_noise(which):
@@ -331,3 +357,36 @@ def test_pipeline_save_load_keeps_the_fused_class(tmp_path):
         loaded = DDPMPipeline.from_pretrained(tmp_path / cls.__name__)
         assert type(loaded.scheduler) is cls
         assert loaded.scheduler.config.prediction_type == "v_prediction"
+
+
+@pytest.mark.gpu
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+@pytest.mark.parametrize("fused_cls,stock_cls,cfg", [
+    (FusedDPMSolverMultistepScheduler, DPMSolverMultistepScheduler,
+     dict(algorithm_type="sde-dpmsolver++")),
+    (FusedEulerAncestralDiscreteScheduler, EulerAncestralDiscreteScheduler, {}),
+])
+def test_cuda_loop_no_host_sync_after_the_first_step(fused_cls, stock_cls, cfg):
+    """After diffusers' own one-time index lookup, no step synchronises with the host; the
+    loop matches stock diffusers on the device."""
+    dev = torch.device("cuda")
+    fused, stock = fused_cls(**cfg), stock_cls(**cfg)
+    for s in (fused, stock):
+        s.set_timesteps(12, device=dev)
+    x0 = torch.randn(4, 3, 16, 16, device=dev) * stock.init_noise_sigma
+    out = []
+    for s in (fused, stock):
+        g = torch.Generator(device=dev).manual_seed(0)
+        x = x0.clone()
+        for i, t in enumerate(s.timesteps):
+            xin = s.scale_model_input(x, t)
+            m = torch.tanh(xin) * 0.7 + 0.05 * torch.sin(3.0 * xin)   # t stays on the device
+            if s is fused and i >= 1:
+                torch.cuda.synchronize()
+                torch.cuda.set_sync_debug_mode("error")
+            try:
+                x = s.step(m, t, x, generator=g).prev_sample
+            finally:
+                torch.cuda.set_sync_debug_mode("default")
+        out.append(x)
+    assert rel_err(out[0].cpu(), out[1].cpu()) <= 1e-4
