@@ -232,6 +232,13 @@ def test_fused_and_stock_rows_time_the_same_step(method):
     fused = P._step_fn("torch", mode, dev, shape, method)(b["x"], b["m"], z, b.get("h"))
     y = fused[0] if METHODS[method].multistep else fused
     torch.testing.assert_close(y, stock, rtol=1e-4, atol=1e-5)
+    try:
+        dropin = P._step_fn("dropin", "fwd-seeds", dev, shape, method)
+    except P.Skip:
+        return                       # this drop-in is not in fused_ddpm.diffusers (yet)
+    # a drop-in draws its noise as the stock step does (same generator state, first call)
+    torch.testing.assert_close(dropin(b["x"], b["m"], None, b.get("h")), stock, rtol=1e-4,
+                               atol=1e-5)
 
 
 def test_method_rows_and_their_byte_floor():
