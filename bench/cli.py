@@ -17,6 +17,7 @@ presets:
   cpu       {cpu}
   gpu       {gpu}
   headline  {headline}
+  methods   {methods}
   overhead  {overhead}
   (default: gpu on a CUDA machine, cpu otherwise; --providers/--modes/--shapes/--dtypes
   replace that field of the preset)
@@ -55,7 +56,7 @@ def _epilog() -> str:
     return EPILOG.format(prog=PROG,
         quick=C.PRESETS["quick"].description, cpu=C.PRESETS["cpu"].description,
         gpu=C.PRESETS["gpu"].description, headline=C.PRESETS["headline"].description,
-        overhead=C.PRESETS["overhead"].description,
+        overhead=C.PRESETS["overhead"].description, methods=C.PRESETS["methods"].description,
         providers="\n".join(f"  {k:<10}{v}" for k, v in C.PROVIDERS.items()),
         modes="\n".join(f"  {k:<11}{v}" for k, v in C.MODES.items()),
         shapes=", ".join(f"{k} ({'x'.join(map(str, v))})" for k, v in C.SHAPES.items()))

@@ -220,6 +220,8 @@ GPU_FUSED = tuple(b for b in FUSED if b in ("cuda", "triton"))
 TARGET_SHAPES = ["sd-latent", "img512-b64"]
 #: every shape, the targets first (a run with a time limit measures them before the rest)
 SHAPES_TARGETS_FIRST = TARGET_SHAPES + [s for s in SHAPES if s not in TARGET_SHAPES]
+#: the step shapes of the cpu preset
+CPU_SHAPES = ["sd-latent", "cifar-b128", "video-latent"]
 #: the providers of the new methods' rows (no torch.compile: seconds per case; no randn)
 METHOD_STEP_PROVIDERS = [*FUSED, "reference", "diffusers", "dropin", "copy"]
 METHOD_OVERHEAD_PROVIDERS = [*FUSED, "dropin", "diffusers", "add"]
@@ -235,8 +237,7 @@ PRESETS: Dict[str, Preset] = {
     # Modest CPU run: finishes in a few minutes on a 2-core machine.
     "cpu": Preset(
         groups=[
-            Group(ALL_STEP_PROVIDERS, list(STEP_MODES),
-                  ["sd-latent", "cifar-b128", "video-latent"], ["fp32", "bf16"]),
+            Group(ALL_STEP_PROVIDERS, list(STEP_MODES), CPU_SHAPES, ["fp32", "bf16"]),
             # the C++ kernel's target shape (issue: >= 2x the eager reference, in-kernel noise)
             Group(["cpu", "reference", "diffusers", "randn", "copy"], ["fwd-seeds", "fwd-noise"],
                   ["img256-b16"], ["fp32"]),
@@ -244,8 +245,8 @@ PRESETS: Dict[str, Preset] = {
             Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
             # issue #14: the new steps, fused vs the stock and drop-in schedulers' step, at
             # the DDPM rows' shapes and modes
-            Group(METHOD_STEP_PROVIDERS, list(STEP_MODES),
-                  ["sd-latent", "cifar-b128", "video-latent"], ["fp32", "bf16"], NEW_METHODS),
+            Group(METHOD_STEP_PROVIDERS, list(STEP_MODES), CPU_SHAPES, ["fp32", "bf16"],
+                  NEW_METHODS),
             Group(METHOD_OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"],
                   NEW_METHODS),
         ],
@@ -281,6 +282,16 @@ PRESETS: Dict[str, Preset] = {
         description="GPU headline: cuda and triton at 64x3x512x512 fp32/fp16 (fwd with "
                     "in-kernel and external noise, bwd) vs copy, and the 1000-step loop "
                     "eager and graphed on the SD latent (~1 min on an H200)"),
+    # Issue #14's rows alone (the cpu preset's new-method groups), recorded beside it.
+    "methods": Preset(
+        groups=[Group(METHOD_STEP_PROVIDERS, list(STEP_MODES), CPU_SHAPES, ["fp32", "bf16"],
+                      NEW_METHODS),
+                Group(METHOD_OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"],
+                      NEW_METHODS)],
+        settings=Settings(repeats=15, min_repeat_s=0.002, warmup_s=0.02, loop_repeats=3),
+        description="DPM-Solver++ (2M, SDE) and Euler ancestral: fused vs the stock and "
+                    "drop-in schedulers' step at the cpu preset's shapes, and their Python "
+                    "overhead"),
     # Python overhead per call (1x4x8x8): fused_ddpm.ddpm_step and the drop-in vs torch.add.
     "overhead": Preset(
         groups=[Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
