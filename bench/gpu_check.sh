@@ -167,29 +167,35 @@ PYEOF
   date -u
 }
 
-# CUDA_HOME: the toolkit setup.py's own search finds; checked for nvcc and cuda_runtime.h
+# CUDA_HOME: the toolkit setup.py's own search finds, and its decision whether that toolkit
+# can build the extension (bin/nvcc, include/cuda_runtime.h, nvcc's major version = torch's)
 resolve_cuda_home() {
   timeout 30 "$PY" - <<'PYEOF'
 import os, sys
+import torch
 sys.path.insert(0, os.getcwd())
 import setup
-tk = setup.find_toolkit(os.environ)
-print(f"{tk.root or ''}\t{tk.version or ''}\t{tk.found_by}\t{tk.problem or ''}")
+plan = setup.plan_cuda(dict(os.environ, FUSED_DDPM_CUDA="auto"), torch.__version__,
+                       torch.version.cuda)
+tk = plan.toolkit or setup.find_toolkit(os.environ)     # the toolkit found, even if unused
+print("|".join([str(tk.root or ""), tk.version or "", "1" if plan.build else "0",
+                plan.reason.replace("|", "/")]))
 PYEOF
 }
 
 env_step() {
   env_report
-  IFS=$'\t' read -r TK_ROOT TK_VERSION TK_FOUND_BY TK_PROBLEM <<< "$(resolve_cuda_home)"
-  if [[ -n $TK_ROOT && -z $TK_PROBLEM && -x $TK_ROOT/bin/nvcc && \
-        -f $TK_ROOT/include/cuda_runtime.h ]]; then
+  IFS='|' read -r TK_ROOT TK_VERSION TK_OK TK_REASON <<< "$(resolve_cuda_home)"
+  if [[ $TK_OK == 1 && -x $TK_ROOT/bin/nvcc && -f $TK_ROOT/include/cuda_runtime.h ]]; then
     export CUDA_HOME="$TK_ROOT"
     export PATH="$CUDA_HOME/bin:$PATH"
-    echo "CUDA_HOME=$CUDA_HOME (nvcc $TK_VERSION, found by $TK_FOUND_BY; include/cuda_runtime.h present)"
+    echo "CUDA_HOME=$CUDA_HOME (nvcc $TK_VERSION; include/cuda_runtime.h present): $TK_REASON"
     BUILD_CUDA=1
   else
-    echo "CUDA toolkit: ${TK_PROBLEM:-not found}: the cuda backend is not built or tested;"
-    echo "  set CUDA_HOME to a toolkit root with bin/nvcc and include/cuda_runtime.h"
+    echo "CUDA toolkit: ${TK_REASON:-not found}"
+    [[ -n $TK_ROOT ]] && echo "  (toolkit found: $TK_ROOT, nvcc ${TK_VERSION:-?})"
+    echo "  the cuda backend is not built or tested; set CUDA_HOME to a toolkit root with"
+    echo "  bin/nvcc and include/cuda_runtime.h whose major version matches torch's CUDA"
     BUILD_CUDA=0
   fi
   if [[ -z ${TORCH_CUDA_ARCH_LIST:-} ]]; then
