@@ -100,8 +100,9 @@ step() {
   t0=$(date +%s)
   if (( DRY )); then
     if (( ${#DRY_CMD[@]} )); then
+      # a stand-in's time says nothing about the GPU run's: a limit of its own
       echo "--- dry run stand-in: ${DRY_CMD[*]}"
-      timeout -s INT -k 10 "$limit" "${DRY_CMD[@]}" 2>&1 | tee "$LOG/$name.log"
+      timeout -s INT -k 10 300 "${DRY_CMD[@]}" 2>&1 | tee "$LOG/$name.log"
       rc=${PIPESTATUS[0]}
     else
       echo "--- dry run: not run (needs a GPU)"
