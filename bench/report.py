@@ -163,8 +163,11 @@ def plot(doc: dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except Exception as e:
         return f"plot skipped: matplotlib is not available ({e.__class__.__name__})"
-    rows = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] != "baseline"
-            and r.get("method", "ddpm") == "ddpm"]
+    # one method's rows: DDPM's, or (a run of other methods only) the first one's
+    steps = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] != "baseline"]
+    timed = {r.get("method", "ddpm") for r in steps if r["mode"] != "overhead"}
+    method = next((m for m in METHODS if m in timed), "ddpm")
+    rows = [r for r in steps if r.get("method", "ddpm") == method]
     panels = sorted({(r["dtype"], r["mode"]) for r in rows},
                     key=lambda p: (list(DTYPES).index(p[0]), list(MODES).index(p[1])))
     if not panels:
@@ -205,7 +208,8 @@ def plot(doc: dict, path: str) -> Optional[str]:
             seen.setdefault(lab, h)
     labels = sorted(seen, key=lambda k: list(PROVIDERS).index(k) if k in PROVIDERS else 99)
     handles = [seen[k] for k in labels]
-    fig.suptitle(f"fused-ddpm bench - {doc['device']} - {doc['date']}", fontsize=10)
+    fig.suptitle(f"fused-ddpm bench - {doc['device']} - {doc['date']}"
+                 + ("" if method == "ddpm" else f" - {method}"), fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 9), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
