@@ -57,6 +57,7 @@ def _columns(loop: bool) -> List[Tuple[str, Callable[[dict], Optional[str]]]]:
         ("of floor", lambda r: _pct(r.get("fraction_of_floor"))),
         ("× diffusers", lambda r: _opt(r.get("speedup_vs_diffusers"), ".2f")),
         ("× compile", lambda r: _opt(r.get("speedup_vs_compile"), ".2f")),
+        ("× torch.add", lambda r: _opt(r.get("x_add"), ".2f")),
     ]
 
 
