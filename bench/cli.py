@@ -13,9 +13,12 @@ from . import report
 
 EPILOG = """\
 presets:
-  quick   {quick}
-  cpu     {cpu}
-  gpu     {gpu}
+  quick     {quick}
+  cpu       {cpu}
+  gpu       {gpu}
+  headline  {headline}
+  methods   {methods}
+  overhead  {overhead}
   (default: gpu on a CUDA machine, cpu otherwise; --providers/--modes/--shapes/--dtypes
   replace that field of the preset)
 
@@ -27,6 +30,8 @@ modes (plus 'baseline', where copy and randn are recorded once per shape and dty
 
 shapes: {shapes}  (or explicit, e.g. 2x4x32x32)
 dtypes: fp32, fp16, bf16
+methods: ddpm (default), dpmsolver++, sde-dpmsolver++, euler_ancestral (issue #14: the same
+  step rows, fused vs diffusers' stock scheduler and the drop-in)
 
 output:
   the table goes to stdout. Files only when asked: --out DIR writes the JSON document and
@@ -50,7 +55,8 @@ PROG = f"python -m {__package__ or 'bench'}"
 def _epilog() -> str:
     return EPILOG.format(prog=PROG,
         quick=C.PRESETS["quick"].description, cpu=C.PRESETS["cpu"].description,
-        gpu=C.PRESETS["gpu"].description,
+        gpu=C.PRESETS["gpu"].description, headline=C.PRESETS["headline"].description,
+        overhead=C.PRESETS["overhead"].description, methods=C.PRESETS["methods"].description,
         providers="\n".join(f"  {k:<10}{v}" for k, v in C.PROVIDERS.items()),
         modes="\n".join(f"  {k:<11}{v}" for k, v in C.MODES.items()),
         shapes=", ".join(f"{k} ({'x'.join(map(str, v))})" for k, v in C.SHAPES.items()))
@@ -70,6 +76,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--modes", help="comma list, or 'all'")
     p.add_argument("--shapes", help="comma list of names or BxCxHxW specs, or 'all'")
     p.add_argument("--dtypes", help="comma list of fp32,fp16,bf16, or 'all'")
+    p.add_argument("--methods", help="comma list of step methods (ddpm, dpmsolver++, "
+                                     "sde-dpmsolver++, euler_ancestral), or 'all'")
     p.add_argument("--repeats", type=int, help="timed repeats per case (median reported)")
     p.add_argument("--loop-repeats", type=int, help="timed repeats of a 1000-step loop")
     p.add_argument("--min-repeat-ms", type=float,
@@ -93,7 +101,11 @@ def parser() -> argparse.ArgumentParser:
                    help="redraw the PNG plot beside each of these result files and exit")
     p.add_argument("--results-md-path", default=report.RESULTS_MD,
                    help="where --results-md/--record write (default: bench/RESULTS.md)")
-    p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
+    p.add_argument("--time-limit", type=float, metavar="S",
+                   help="cases not started within S seconds are recorded as skipped (the "
+                        "document and table are still written)")
+    p.add_argument("--no-progress", action="store_true",
+                   help="no tqdm progress bar: one line per finished case instead")
     p.add_argument("--no-plot", action="store_true", help="do not write the PNG")
     p.add_argument("--list", action="store_true", help="print the cases and exit")
     return p
@@ -104,9 +116,10 @@ def build_preset(args, device) -> tuple:
                                                         else "cpu"))
     base = C.PRESETS[name]
     explicit = any(v is not None for v in (args.providers, args.modes, args.shapes,
-                                           args.dtypes))
+                                           args.dtypes, args.methods))
     sel = (C.parse_providers(args.providers), C.parse_modes(args.modes),
-           C.parse_shapes(args.shapes), C.parse_dtypes(args.dtypes))
+           C.parse_shapes(args.shapes), C.parse_dtypes(args.dtypes),
+           C.parse_methods(args.methods))
     if explicit and args.preset is None and not args.quick:
         # no preset named: one group; unspecified fields come from the default preset
         preset = C.union(base, *sel)
@@ -166,12 +179,14 @@ def main(argv: Optional[List[str]] = None) -> int:
         return 2
     if args.list:
         for c in runner.enumerate_cases(preset):
-            print(c["provider"], c["mode"], c["shape_name"], c["dtype"])
+            print(c["provider"], c["mode"], c["shape_name"], c["dtype"],
+                  *([] if c["method"] == "ddpm" else [c["method"]]))
         return 0
     out = report.RESULTS_DIR if args.record else args.out
     print(f"bench: preset {name} on {runner.device_name(device)} ({device})", file=sys.stderr)
     doc = runner.run(preset, device, name, progress=not args.no_progress, argv=argv,
-                     log=lambda s: print(s, file=sys.stderr))
+                     log=lambda s: print(s, file=sys.stderr, flush=True),
+                     time_limit_s=args.time_limit)
     print(report.header(doc))
     print()
     print(report.table(doc))

@@ -24,17 +24,68 @@ PROVIDERS: Dict[str, str] = {
     **{name: f"fused step, {name} backend (fused_ddpm.ddpm_step(backend={name!r})"
              f"{_FUSED_NOTES.get(name, '')})" for name in FUSED},
     "sample": "fused_ddpm.sample(...) loop (loop modes only)",
-    "dropin": "diffusers drop-in FusedDDPMScheduler.step, diffusers' own noise (randn; mode "
-              "'overhead')",
-    "dropin-philox": "the drop-in with noise='philox' (in-kernel noise; mode 'overhead')",
+    "dropin": "the fused diffusers drop-in's step for the method (FusedDDPMScheduler, "
+              "FusedDPMSolverMultistepScheduler, FusedEulerAncestralDiscreteScheduler), "
+              "diffusers' own noise (modes fwd-seeds, overhead)",
+    "dropin-philox": "the DDPM drop-in with noise='philox' (in-kernel noise; modes "
+                     "fwd-seeds, overhead)",
     "reference": "eager PyTorch reference (fused_ddpm.reference.ddpm_step)",
     "compile": "torch.compile(fused_ddpm.reference.ddpm_step)",
-    "diffusers": "diffusers DDPMScheduler.step (clip_sample=False, fixed_small, epsilon)",
+    "diffusers": "diffusers' stock scheduler step for the method (DDPMScheduler: "
+                 "clip_sample=False, fixed_small, epsilon; DPMSolverMultistepScheduler; "
+                 "EulerAncestralDiscreteScheduler)",
     "randn": "torch.randn alone, the noise floor (mode 'baseline')",
     "copy": "y.copy_(x), the bandwidth ceiling (mode 'baseline'; always measured)",
     "add": "torch.add(x, m) of the same tensor, the per-call floor of mode 'overhead'",
 }
 BASELINE_PROVIDERS = ("randn", "copy")
+
+# ------------------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class Method:
+    """A step method every provider can run: the fused step's coefficients, diffusers' stock
+    scheduler for it and the fused drop-in (same config), and what the step reads and adds.
+
+    ``coeffs``: :func:`fused_ddpm.step_coefficients` keyword arguments (beyond the shared
+    schedule). ``scheduler``: keyword arguments of both scheduler classes. ``multistep``: the
+    step also reads the previous step's x̂0 and writes its own (2 more passes forward).
+    ``noise``: the step adds noise (without it there is no fwd-noise case: fwd-seeds is the
+    step). ``steps``: inference steps; the timed step is the middle one (second order for
+    the multistep methods)."""
+
+    coeffs: Dict[str, object]
+    stock: str
+    dropin: str
+    scheduler: Dict[str, object]
+    multistep: bool
+    noise: bool
+    steps: int
+
+
+METHODS: Dict[str, Method] = {
+    "ddpm": Method(dict(method="ddpm", prediction_type="epsilon", variance_type="fixed_small"),
+                   "DDPMScheduler", "FusedDDPMScheduler",
+                   dict(variance_type="fixed_small", clip_sample=False,
+                        prediction_type="epsilon"), multistep=False, noise=True, steps=1000),
+    "dpmsolver++": Method(dict(method="dpmsolver++", prediction_type="epsilon", solver_order=2),
+                          "DPMSolverMultistepScheduler", "FusedDPMSolverMultistepScheduler",
+                          dict(algorithm_type="dpmsolver++", solver_order=2,
+                               prediction_type="epsilon"),
+                          multistep=True, noise=False, steps=20),
+    "sde-dpmsolver++": Method(dict(method="sde-dpmsolver++", prediction_type="epsilon",
+                                   solver_order=2),
+                              "DPMSolverMultistepScheduler", "FusedDPMSolverMultistepScheduler",
+                              dict(algorithm_type="sde-dpmsolver++", solver_order=2,
+                                   prediction_type="epsilon"),
+                              multistep=True, noise=True, steps=20),
+    "euler_ancestral": Method(dict(method="euler_ancestral", prediction_type="epsilon"),
+                              "EulerAncestralDiscreteScheduler",
+                              "FusedEulerAncestralDiscreteScheduler",
+                              dict(prediction_type="epsilon"),
+                              multistep=False, noise=True, steps=20),
+}
+#: the methods of issue #14 (the rows beside the DDPM rows)
+NEW_METHODS = ["dpmsolver++", "sde-dpmsolver++", "euler_ancestral"]
 
 # ------------------------------------------------------------------------------ modes
 #: mode name -> description. "baseline" is where randn and copy are recorded (once per
@@ -51,7 +102,8 @@ MODES: Dict[str, str] = {
     "overhead": "Python overhead: per-call time of one step on a tiny tensor (fused: "
                 "fused_ddpm.ddpm_step with int t and a seeds tensor; dropin: "
                 "FusedDDPMScheduler.step as a pipeline calls it), reported as a ratio to "
-                "torch.add of the same tensor in the same run (x_add)",
+                "torch.add of the same tensor timed just before it in every repeat (x_add: the "
+                "median of those ratios, robust to a busy machine)",
 }
 STEP_MODES = ("fwd-seeds", "fwd-noise", "bwd")
 LOOP_MODES = ("loop", "loop-graph")
@@ -59,6 +111,18 @@ LOOP_MODES = ("loop", "loop-graph")
 #: bytes moved per element, in units of one tensor pass
 PASSES = {"fwd-seeds": 3, "fwd-noise": 4, "bwd": 3, "loop": 3, "loop-graph": 3,
           "overhead": 3, "copy": 2, "randn": 1}
+#: the modes the drop-in providers are measured in
+DROPIN_MODES = ("fwd-seeds", "overhead")
+#: modes in which a multistep method also reads the previous x̂0 and writes its own
+MULTISTEP_EXTRA_PASSES = {"fwd-seeds": 2, "fwd-noise": 2, "overhead": 2}
+
+
+def passes(method: str, mode: str) -> int:
+    """Tensor passes of the byte floor of one step of ``method`` in ``mode``."""
+    extra = MULTISTEP_EXTRA_PASSES.get(mode, 0) if METHODS[method].multistep else 0
+    return PASSES[mode] + extra
+
+
 #: the shape of mode "overhead" (a 1x4x8x8 tensor: the per-call cost, not bandwidth)
 OVERHEAD_SHAPE = "tiny"
 
@@ -104,6 +168,7 @@ def _split(value: Optional[str], known: Sequence[str], what: str) -> Optional[Li
 def parse_providers(value): return _split(value, list(PROVIDERS), "provider")
 def parse_modes(value): return _split(value, list(MODES), "mode")
 def parse_dtypes(value): return _split(value, list(DTYPES), "dtype")
+def parse_methods(value): return _split(value, list(METHODS), "method")
 
 
 def parse_shapes(value: Optional[str]) -> Optional[List[str]]:
@@ -124,6 +189,7 @@ class Group:
     modes: List[str]
     shapes: List[str]
     dtypes: List[str]
+    methods: List[str] = field(default_factory=lambda: ["ddpm"])
 
 
 @dataclass
@@ -148,7 +214,17 @@ class Preset:
 ALL_STEP_PROVIDERS = [*FUSED, "reference", "compile", "diffusers", "randn", "copy"]
 LOOP_PROVIDERS = [*FUSED, "sample", "reference", "compile", "diffusers"]
 OVERHEAD_PROVIDERS = [*FUSED, "dropin", "dropin-philox", "diffusers", "add"]
-SEC5_SHAPES = ["sd-latent", "img512-b64"]
+#: the fused backends that run on a CUDA device
+GPU_FUSED = tuple(b for b in FUSED if b in ("cuda", "triton"))
+#: the shapes of docs/design.md's targets (torch.compile is measured at these only)
+TARGET_SHAPES = ["sd-latent", "img512-b64"]
+#: every shape, the targets first (a run with a time limit measures them before the rest)
+SHAPES_TARGETS_FIRST = TARGET_SHAPES + [s for s in SHAPES if s not in TARGET_SHAPES]
+#: the step shapes of the cpu preset
+CPU_SHAPES = ["sd-latent", "cifar-b128", "video-latent"]
+#: the providers of the new methods' rows (no torch.compile: seconds per case; no randn)
+METHOD_STEP_PROVIDERS = [*FUSED, "reference", "diffusers", "dropin", "copy"]
+METHOD_OVERHEAD_PROVIDERS = [*FUSED, "dropin", "diffusers", "add"]
 OVERHEAD_SETTINGS = Settings(repeats=15, min_repeat_s=0.01, warmup_s=0.05, loop_repeats=1)
 
 PRESETS: Dict[str, Preset] = {
@@ -161,39 +237,73 @@ PRESETS: Dict[str, Preset] = {
     # Modest CPU run: finishes in a few minutes on a 2-core machine.
     "cpu": Preset(
         groups=[
-            Group(ALL_STEP_PROVIDERS, list(STEP_MODES),
-                  ["sd-latent", "cifar-b128", "video-latent"], ["fp32", "bf16"]),
+            Group(ALL_STEP_PROVIDERS, list(STEP_MODES), CPU_SHAPES, ["fp32", "bf16"]),
             # the C++ kernel's target shape (issue: >= 2x the eager reference, in-kernel noise)
             Group(["cpu", "reference", "diffusers", "randn", "copy"], ["fwd-seeds", "fwd-noise"],
                   ["img256-b16"], ["fp32"]),
             Group(LOOP_PROVIDERS, ["loop"], ["sd-latent"], ["fp32"]),
             Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
+            # issue #14: the new steps, fused vs the stock and drop-in schedulers' step, at
+            # the DDPM rows' shapes and modes
+            Group(METHOD_STEP_PROVIDERS, list(STEP_MODES), CPU_SHAPES, ["fp32", "bf16"],
+                  NEW_METHODS),
+            Group(METHOD_OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"],
+                  NEW_METHODS),
         ],
         settings=Settings(repeats=15, min_repeat_s=0.002, warmup_s=0.02, loop_repeats=3),
         description="CPU: 3 small shapes x fp32/bf16 x fwd/bwd, 16x3x256x256 fp32 fwd, "
-                    "1000-step loop on the SD latent"),
+                    "1000-step loop on the SD latent; the same step rows for DPM-Solver++ "
+                    "(2M, SDE) and Euler ancestral"),
     # The full headline set on a GPU (~3 min on an H200).
     "gpu": Preset(
         groups=[
             Group([p for p in ALL_STEP_PROVIDERS if p != "compile"], list(STEP_MODES),
-                  list(SHAPES), list(DTYPES)),
+                  SHAPES_TARGETS_FIRST, list(DTYPES)),
             # torch.compile costs seconds of compilation per (shape, dtype, mode): the
-            # section 5 shapes only (run `--providers compile --shapes all` for the rest).
-            Group(["compile"], list(STEP_MODES), SEC5_SHAPES, list(DTYPES)),
+            # target shapes only (run `--providers compile --shapes all` for the rest).
+            Group(["compile"], list(STEP_MODES), TARGET_SHAPES, list(DTYPES)),
             Group(LOOP_PROVIDERS, list(LOOP_MODES), ["sd-latent", "cifar-b128"], list(DTYPES)),
             Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
+            # the new methods at the target shapes (every shape: --methods ... --shapes all)
+            Group(METHOD_STEP_PROVIDERS, list(STEP_MODES), TARGET_SHAPES, list(DTYPES),
+                  NEW_METHODS),
+            Group(METHOD_OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"],
+                  NEW_METHODS),
         ],
         settings=Settings(repeats=25, min_repeat_s=0.001, warmup_s=0.025, loop_repeats=3),
-        description="GPU: the headline set - all shapes, dtypes, modes and providers"),
+        description="GPU: the headline set - all shapes, dtypes, modes and providers; "
+                    "DPM-Solver++ (2M, SDE) and Euler ancestral at the target shapes"),
+    # The first numbers a GPU check prints (bench/gpu_check.sh): the fused kernels at the
+    # headline shape against copy and its floor, then the 1000-step loop eager and graphed.
+    "headline": Preset(
+        groups=[Group([*GPU_FUSED, "copy"], list(STEP_MODES), ["img512-b64"], ["fp32", "fp16"]),
+                Group(list(GPU_FUSED), list(LOOP_MODES), ["sd-latent"], ["fp32"])],
+        settings=Settings(repeats=15, min_repeat_s=0.001, warmup_s=0.02, loop_repeats=3),
+        description="GPU headline: cuda and triton at 64x3x512x512 fp32/fp16 (fwd with "
+                    "in-kernel and external noise, bwd) vs copy, and the 1000-step loop "
+                    "eager and graphed on the SD latent (~1 min on an H200)"),
+    # Issue #14's rows alone (the cpu preset's new-method groups), recorded beside it.
+    "methods": Preset(
+        groups=[Group(METHOD_STEP_PROVIDERS, list(STEP_MODES), CPU_SHAPES, ["fp32", "bf16"],
+                      NEW_METHODS),
+                Group(METHOD_OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"],
+                      NEW_METHODS)],
+        settings=Settings(repeats=15, min_repeat_s=0.002, warmup_s=0.02, loop_repeats=3),
+        description="DPM-Solver++ (2M, SDE) and Euler ancestral: fused vs the stock and "
+                    "drop-in schedulers' step at the cpu preset's shapes, and their Python "
+                    "overhead"),
     # Python overhead per call (1x4x8x8): fused_ddpm.ddpm_step and the drop-in vs torch.add.
     "overhead": Preset(
-        groups=[Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"])],
+        groups=[Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
+                Group(METHOD_OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"],
+                      NEW_METHODS)],
         settings=OVERHEAD_SETTINGS,
         description="Python overhead per call on a 1x4x8x8 tensor, as ratios to torch.add"),
 }
 
 
-def override(preset: Preset, providers=None, modes=None, shapes=None, dtypes=None) -> Preset:
+def override(preset: Preset, providers=None, modes=None, shapes=None, dtypes=None,
+             methods=None) -> Preset:
     """The preset with every given field replacing that field in each group.
 
     ``modes`` in a multi-group preset keeps, per group, only the given modes that group
@@ -207,9 +317,12 @@ def override(preset: Preset, providers=None, modes=None, shapes=None, dtypes=Non
             gm = [m for m in modes if m in g.modes] if multi else list(modes)
         ng = Group(list(providers) if providers is not None else list(g.providers), gm,
                    list(shapes) if shapes is not None else list(g.shapes),
-                   list(dtypes) if dtypes is not None else list(g.dtypes))
-        key = (tuple(ng.providers), tuple(ng.modes), tuple(ng.shapes), tuple(ng.dtypes))
-        if ng.providers and ng.modes and ng.shapes and ng.dtypes and key not in seen:
+                   list(dtypes) if dtypes is not None else list(g.dtypes),
+                   list(methods) if methods is not None else list(g.methods))
+        key = (tuple(ng.providers), tuple(ng.modes), tuple(ng.shapes), tuple(ng.dtypes),
+               tuple(ng.methods))
+        if ng.providers and ng.modes and ng.shapes and ng.dtypes and ng.methods and \
+                key not in seen:
             seen.add(key)
             out.append(ng)
     if not out and modes:
@@ -217,17 +330,20 @@ def override(preset: Preset, providers=None, modes=None, shapes=None, dtypes=Non
         out = [Group(list(providers or dict.fromkeys(p for g in preset.groups for p in g.providers)),
                      list(modes),
                      list(shapes or dict.fromkeys(s for g in preset.groups for s in g.shapes)),
-                     list(dtypes or dict.fromkeys(d for g in preset.groups for d in g.dtypes)))]
+                     list(dtypes or dict.fromkeys(d for g in preset.groups for d in g.dtypes)),
+                     list(methods or ["ddpm"]))]
     return replace(preset, groups=out)
 
 
-def union(preset: Preset, providers=None, modes=None, shapes=None, dtypes=None) -> Preset:
+def union(preset: Preset, providers=None, modes=None, shapes=None, dtypes=None,
+          methods=None) -> Preset:
     """One group: the given fields, the union over the preset's groups for the others."""
     def merged(attr):
         return list(dict.fromkeys(v for g in preset.groups for v in getattr(g, attr)))
     g = Group(list(providers) if providers is not None else merged("providers"),
               list(modes) if modes is not None else merged("modes"),
               list(shapes) if shapes is not None else merged("shapes"),
-              list(dtypes) if dtypes is not None else merged("dtypes"))
-    return replace(preset, groups=[g] if (g.providers and g.modes and g.shapes and g.dtypes)
-                   else [])
+              list(dtypes) if dtypes is not None else merged("dtypes"),
+              list(methods) if methods is not None else ["ddpm"])
+    return replace(preset, groups=[g] if (g.providers and g.modes and g.shapes and g.dtypes
+                                          and g.methods) else [])

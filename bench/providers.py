@@ -4,9 +4,14 @@
 allocating anything); :func:`build` allocates the inputs and returns ``fn(i)`` - one timed
 call on input set ``i % nbuf`` - plus the number of buffers it rotates among.
 
-Every provider steps the same problem: a linear-β DDPM schedule (1000 steps, 1e-4..0.02),
-ε-prediction, ``fixed_small`` variance, no clipping, timestep t = 500 (noise is added), so
-the fused step, the reference, torch.compile and diffusers compute the same thing.
+Every provider steps the same problem: a linear-β schedule (1000 steps, 1e-4..0.02),
+ε-prediction, no clipping, and the step method of the case (:data:`bench.config.METHODS`):
+DDPM (``fixed_small`` variance) at timestep t = 500 (noise is added); DPM-Solver++ 2M,
+its SDE variant and Euler ancestral at the middle step of 20 (second order for the
+multistep methods, whose step also reads the previous x̂0 and returns its own). So the fused
+step, the reference, torch.compile, diffusers' stock scheduler and the drop-in compute the
+same thing. The schedulers' state (step index, the multistep history) is set before each
+timed call, as a sampling loop at that step would have it.
 """
 from __future__ import annotations
 
@@ -17,7 +22,7 @@ from typing import Callable, Tuple
 import torch
 
 from . import timing
-from .config import FUSED, LOOP_MODES, LOOP_STEPS
+from .config import DROPIN_MODES, FUSED, LOOP_MODES, LOOP_STEPS, METHODS, passes
 
 T_STEP = 500
 
@@ -50,40 +55,68 @@ def backend_status() -> dict:
 @functools.lru_cache(maxsize=None)
 def _diffusers():
     try:
-        import diffusers  # noqa: F401
-        from diffusers import DDPMScheduler
-        return DDPMScheduler, None
+        import diffusers
+        return diffusers, None
     except Exception as e:
         return None, f"{e.__class__.__name__}: {e}"
 
 
 _COEFFS = {}
+_SCHEDULE = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+                 beta_end=0.02)
 
 
-def coeffs_on(device: torch.device):
-    key = str(device)
+def coeffs_on(device: torch.device, method: str = "ddpm"):
+    """The fused step's coefficients of ``method`` on ``device`` (cached)."""
+    key = (str(device), method)
     if key not in _COEFFS:
         fd = _fd()
-        sched = fd.NoiseSchedule(num_train_timesteps=1000, beta_schedule="linear",
-                                 beta_start=1e-4, beta_end=0.02)
-        _COEFFS[key] = fd.step_coefficients(sched, method="ddpm", prediction_type="epsilon",
-                                            variance_type="fixed_small", device=device)
+        spec = METHODS[method]
+        _COEFFS[key] = fd.step_coefficients(fd.NoiseSchedule(**_SCHEDULE),
+                                            num_inference_steps=spec.steps, device=device,
+                                            **spec.coeffs)
     return _COEFFS[key]
 
 
-_DIFFUSERS_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
-                         beta_end=0.02, variance_type="fixed_small", clip_sample=False,
-                         prediction_type="epsilon")
+def step_position(method: str) -> int:
+    """The timed step: DDPM's timestep t = 500; the middle step (its row) otherwise."""
+    return T_STEP if method == "ddpm" else METHODS[method].steps // 2
 
 
-def diffusers_scheduler():
-    DDPMScheduler, _ = _diffusers()
-    return DDPMScheduler(**_DIFFUSERS_CONFIG)
+def scheduler_class(provider: str, method: str):
+    """diffusers' stock class of ``method`` ("diffusers") or the fused drop-in ("dropin",
+    "dropin-philox"); :class:`Skip` when it is not there."""
+    spec = METHODS[method]
+    if provider == "diffusers":
+        mod, name = _diffusers()[0], spec.stock
+    else:
+        import fused_ddpm.diffusers as mod
+        name = spec.dropin
+    cls = getattr(mod, name, None)
+    if cls is None:
+        raise Skip("unavailable", f"{mod.__name__} has no {name}")
+    return cls
 
 
-def dropin_scheduler(noise: str = "randn"):
-    from fused_ddpm.diffusers import FusedDDPMScheduler
-    return FusedDDPMScheduler(**_DIFFUSERS_CONFIG, noise=noise)
+def scheduler(provider: str, method: str = "ddpm", device: torch.device = None):
+    """A scheduler of ``provider`` for ``method`` with the shared schedule, its timesteps
+    set (on ``device``) for the method's step count (DDPM: its 1000 training steps)."""
+    spec = METHODS[method]
+    kw = dict(_SCHEDULE, **spec.scheduler)
+    if provider == "dropin-philox":
+        kw["noise"] = "philox"
+    sched = scheduler_class(provider, method)(**kw)
+    if method != "ddpm":
+        sched.set_timesteps(spec.steps, device=device)
+    return sched
+
+
+def diffusers_scheduler(method: str = "ddpm", device: torch.device = None):
+    return scheduler("diffusers", method, device)
+
+
+def dropin_scheduler(noise: str = "randn", method: str = "ddpm", device: torch.device = None):
+    return scheduler("dropin-philox" if noise == "philox" else "dropin", method, device)
 
 
 def _numel(shape) -> int:
@@ -93,14 +126,15 @@ def _numel(shape) -> int:
     return n
 
 
-def working_set(mode: str, shape, dtype) -> int:
+def working_set(mode: str, shape, dtype, method: str = "ddpm") -> int:
     """Bytes one call touches (for the buffer-rotation decision)."""
-    from .config import PASSES
-    return PASSES.get(mode, 3) * _numel(shape) * torch.tensor([], dtype=dtype).element_size()
+    n = passes(method, mode) if mode != "baseline" else 3
+    return n * _numel(shape) * torch.tensor([], dtype=dtype).element_size()
 
 
 # ------------------------------------------------------------------------------ check
-def check(provider: str, mode: str, device: torch.device, dtype: torch.dtype) -> None:
+def check(provider: str, mode: str, device: torch.device, dtype: torch.dtype,
+          method: str = "ddpm") -> None:
     """Raise :class:`Skip` when this combination cannot run here."""
     if mode == "baseline":
         if provider not in ("randn", "copy"):
@@ -108,8 +142,18 @@ def check(provider: str, mode: str, device: torch.device, dtype: torch.dtype) ->
         return
     if provider in ("randn", "copy"):
         raise Skip("unsupported", f"{provider} is mode-independent (recorded as 'baseline')")
-    if provider in ("add", "dropin", "dropin-philox") and mode != "overhead":
-        raise Skip("unsupported", f"{provider} is measured in mode 'overhead' only")
+    if provider == "add" and mode != "overhead":
+        raise Skip("unsupported", "add is measured in mode 'overhead' only")
+    if provider in ("dropin", "dropin-philox") and mode not in DROPIN_MODES:
+        raise Skip("unsupported", f"{provider} is measured in modes {', '.join(DROPIN_MODES)}")
+    spec = METHODS[method]
+    if method != "ddpm":
+        if provider == "dropin-philox":
+            raise Skip("unsupported", "dropin-philox is the DDPM drop-in's noise option")
+        if mode in LOOP_MODES:
+            raise Skip("unsupported", "the loops are DDPM's 1000 steps")
+    if mode == "fwd-noise" and not spec.noise:
+        raise Skip("unsupported", f"{method} adds no noise: its fwd-seeds row is the step")
     if mode == "overhead" and provider not in FUSED + ("add", "dropin", "dropin-philox",
                                                        "diffusers"):
         raise Skip("unsupported", "mode 'overhead' measures the fused step, the drop-in, "
@@ -134,66 +178,102 @@ def check(provider: str, mode: str, device: torch.device, dtype: torch.dtype) ->
         if _diffusers()[0] is None:
             raise Skip("unavailable", f"diffusers is not installed ({_diffusers()[1]})")
         if mode == "fwd-noise":
-            raise Skip("unsupported", "DDPMScheduler.step draws its own noise (no "
-                                      "variance_noise argument); see its fwd-seeds row")
+            raise Skip("unsupported", "the stock step draws its own noise (timed as "
+                                      "schedulers are called); see its fwd-seeds row")
+        scheduler_class(provider, method)
     if mode == "loop-graph" and provider in ("reference", "compile", "diffusers"):
         raise Skip("unsupported", "not graph-capturable as written (host-side tensors and "
                                   "host->device copies per step)")
 
 
 # ------------------------------------------------------------------------------ build
-def _inputs(shape, dtype, device, nbuf, noise=False, grad=False):
+def _inputs(shape, dtype, device, nbuf, noise=False, grad=False, history=False):
+    """``nbuf`` input sets {x, m[, z][, h]} from a fixed seed (h: a previous x̂0)."""
     gen = torch.Generator(device=device).manual_seed(0)
     bufs = []
     for _ in range(nbuf):
-        x = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-        m = torch.randn(shape, generator=gen, device=device, dtype=torch.float32).to(dtype)
-        b = {"x": x, "m": m}
+        def draw():
+            return torch.randn(shape, generator=gen, device=device,
+                               dtype=torch.float32).to(dtype)
+        b = {"x": draw(), "m": draw()}
         if noise:
-            b["z"] = torch.randn(shape, generator=gen, device=device,
-                                 dtype=torch.float32).to(dtype)
+            b["z"] = draw()
+        if history:
+            b["h"] = draw()
         if grad:
-            x.requires_grad_(True)
-            m.requires_grad_(True)
+            b["x"].requires_grad_(True)
+            b["m"].requires_grad_(True)
         bufs.append(b)
     return bufs
 
 
-def _step_fn(provider: str, mode: str, device: torch.device, shape):
-    """f(x, m, z) -> y for one step of this provider (z is None for own/in-kernel noise)."""
+def _at_step(sched, method: str, k: int):
+    """``prepare(h)``: puts ``sched`` in the state a sampling loop has at step ``k``: the
+    step index, and for the multistep methods the previous x̂0 ``h`` as the last history
+    entry with enough earlier steps for the second order (the stock step shifts its
+    history, so each call starts from the same state)."""
+    if method == "ddpm":
+        return lambda h: None
+    spec = METHODS[method]
+
+    def prepare(h):
+        sched._step_index = k
+        sched.is_scale_input_called = True
+        if spec.multistep:
+            sched.model_outputs[-1] = h
+            sched.lower_order_nums = sched.config.solver_order
+    return prepare
+
+
+def _step_fn(provider: str, mode: str, device: torch.device, shape, method: str = "ddpm"):
+    """f(x, m, z, h) -> y (and x̂0 for a multistep method, forward) for one step of this
+    provider (z is None for own/in-kernel noise; h the previous x̂0 or None)."""
     fd = _fd()
-    coeffs = coeffs_on(device)
+    spec = METHODS[method]
+    coeffs = coeffs_on(device, method)
+    k = step_position(method)
+    x0_too = spec.multistep and mode != "bwd"
     B = shape[0]
     if provider in FUSED:
         # mode overhead: an int t, as a Python sampling loop passes it
-        t = T_STEP if mode == "overhead" else torch.full((B,), T_STEP, dtype=torch.int64,
-                                                         device=device)
+        t = k if mode == "overhead" else torch.full((B,), k, dtype=torch.int64, device=device)
         seeds = torch.arange(B, dtype=torch.int64, device=device) + 12345
+        kw = dict(history=None, return_x0=True) if x0_too else {}
 
-        def f(x, m, z):
+        def f(x, m, z, h=None):
+            if spec.multistep:
+                kw["history"] = h
+            if not spec.noise:
+                return fd.ddpm_step(x, m, t, coeffs, backend=provider, **kw)
             if z is None:
-                return fd.ddpm_step(x, m, t, coeffs, seeds=seeds, backend=provider)
-            return fd.ddpm_step(x, m, t, coeffs, noise=z, backend=provider)
+                return fd.ddpm_step(x, m, t, coeffs, seeds=seeds, backend=provider, **kw)
+            return fd.ddpm_step(x, m, t, coeffs, noise=z, backend=provider, **kw)
         return f
     if provider in ("reference", "compile"):
         ref = fd.reference.ddpm_step
 
-        def f(x, m, z):
-            return ref(x, m, T_STEP, coeffs, noise=z)
+        def f(x, m, z, h=None):
+            if spec.multistep:
+                return ref(x, m, k, coeffs, noise=z, history=h, return_x0=x0_too)
+            return ref(x, m, k, coeffs, noise=z)
         if provider == "compile":
             return compiled(f)
         return f
     if provider in ("diffusers", "dropin", "dropin-philox"):
-        sched = (diffusers_scheduler() if provider == "diffusers" else
-                 dropin_scheduler("philox" if provider == "dropin-philox" else "randn"))
-        t = sched.timesteps[len(sched.timesteps) - 1 - T_STEP]    # a CPU tensor, as pipelines
+        sched = scheduler(provider, method, device)
+        if method == "ddpm":
+            t = sched.timesteps[len(sched.timesteps) - 1 - k]    # a CPU tensor, as pipelines
+        else:
+            t = sched.timesteps[k]
+        prepare = _at_step(sched, method, k)
         g = torch.Generator(device=device).manual_seed(0)
 
-        def f(x, m, z):
+        def f(x, m, z, h=None):
+            prepare(h)
             return sched.step(m, t, x, generator=g, return_dict=False)[0]
         return f
     if provider == "add":
-        return lambda x, m, z: torch.add(x, m)
+        return lambda x, m, z, h=None: torch.add(x, m)
     raise Skip("unsupported", f"{provider} has no step")
 
 
@@ -208,11 +288,11 @@ def compiled(f):
     return torch.compile(f, dynamic=False)
 
 
-def build(provider: str, mode: str, shape, dtype, device: torch.device, rotate: bool
-          ) -> Tuple[Callable[[int], object], int]:
+def build(provider: str, mode: str, shape, dtype, device: torch.device, rotate: bool,
+          method: str = "ddpm") -> Tuple[Callable[[int], object], int]:
     """(fn(i), nbuf). Raises :class:`Skip` for cases that cannot run."""
-    check(provider, mode, device, dtype)
-    nbuf = timing.num_buffers(working_set(mode, shape, dtype), device, rotate)
+    check(provider, mode, device, dtype, method)
+    nbuf = timing.num_buffers(working_set(mode, shape, dtype, method), device, rotate)
     if mode == "baseline":
         if provider == "copy":
             xs = [torch.randn(shape, device=device, dtype=torch.float32).to(dtype)
@@ -223,21 +303,22 @@ def build(provider: str, mode: str, shape, dtype, device: torch.device, rotate: 
         return (lambda i: torch.randn(shape, dtype=dtype, device=device)), 1
     if mode in LOOP_MODES:
         return _build_loop(provider, mode, shape, dtype, device), 1
-    f = _step_fn(provider, mode, device, shape)
+    f = _step_fn(provider, mode, device, shape, method)
+    history = METHODS[method].multistep
     if mode == "overhead":
-        b = _inputs(shape, dtype, device, 1)[0]
-        return (lambda i: f(b["x"], b["m"], None)), 1
+        b = _inputs(shape, dtype, device, 1, history=history)[0]
+        return (lambda i: f(b["x"], b["m"], None, b.get("h"))), 1
     if mode in ("fwd-seeds", "fwd-noise"):
-        bufs = _inputs(shape, dtype, device, nbuf, noise=(mode == "fwd-noise"))
+        bufs = _inputs(shape, dtype, device, nbuf, noise=(mode == "fwd-noise"), history=history)
 
         def fn(i):
             b = bufs[i % nbuf]
-            return f(b["x"], b["m"], b.get("z"))
+            return f(b["x"], b["m"], b.get("z"), b.get("h"))
         return fn, nbuf
     if mode == "bwd":
-        bufs = _inputs(shape, dtype, device, nbuf, grad=True)
+        bufs = _inputs(shape, dtype, device, nbuf, grad=True, history=history)
         for b in bufs:
-            b["y"] = f(b["x"], b["m"], None)
+            b["y"] = f(b["x"], b["m"], None, b.get("h"))
             if not b["y"].requires_grad:
                 raise Skip("unsupported", f"{provider}: output does not require grad")
             b["gy"] = torch.ones_like(b["y"])

@@ -6,11 +6,13 @@ import os
 import re
 from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .config import DTYPES, FUSED, MODES, PROVIDERS
+from .config import DTYPES, FUSED, METHODS, MODES, PRESETS, PROVIDERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 RESULTS_DIR = os.path.join(HERE, "results")
+#: the SASS budget table (.ci/sass_budget.py's output) shown while no GPU run is recorded
+SASS_ESTIMATE = os.path.join(RESULTS_DIR, "sass-estimate-sm90.txt")
 #: providers drawn bold in tables and thick in plots: the fused step itself
 FUSED_OR_SAMPLE = FUSED + ("sample",)
 #: one colour per provider, the same in every panel and every run (matplotlib's tab10)
@@ -55,6 +57,7 @@ def _columns(loop: bool) -> List[Tuple[str, Callable[[dict], Optional[str]]]]:
         ("of floor", lambda r: _pct(r.get("fraction_of_floor"))),
         ("× diffusers", lambda r: _opt(r.get("speedup_vs_diffusers"), ".2f")),
         ("× compile", lambda r: _opt(r.get("speedup_vs_compile"), ".2f")),
+        ("× torch.add", lambda r: _opt(r.get("x_add"), ".2f")),
     ]
 
 
@@ -69,12 +72,15 @@ def table(doc: dict, markdown: bool = True) -> str:
     rows = [r for r in doc["rows"] if r["status"] == "ok"]
     out: List[str] = []
     modes = ["baseline"] + list(MODES)
-    for mode in modes:
-        mrows = sorted((r for r in rows if r["mode"] == mode), key=_sort_key)
+    for method, mode in [(me, mo) for me in METHODS for mo in modes]:
+        mrows = sorted((r for r in rows if r["mode"] == mode and
+                        r.get("method", "ddpm") == method), key=_sort_key)
         if not mrows:
             continue
         title = {"baseline": "baseline: copy (bandwidth ceiling) and torch.randn (noise floor)"
                  }.get(mode, f"{mode}: {MODES.get(mode, '')}")
+        if method != "ddpm":
+            title = f"{method}, {title}"
         out.append(f"### {title}\n")
         cols = _columns(mode.startswith("loop"))
         cells = [[cell(r) for _, cell in cols] for r in mrows]
@@ -89,11 +95,14 @@ def table(doc: dict, markdown: bool = True) -> str:
         out.append("### not measured\n")
         groups: Dict[tuple, List[dict]] = {}
         for r in skipped:
-            groups.setdefault((r["provider"], r["status"], r["reason"]), []).append(r)
+            method = r.get("method", "ddpm")
+            prov = r["provider"] if method == "ddpm" else f"{r['provider']} [{method}]"
+            groups.setdefault((prov, r["status"], r["reason"]), []).append(r)
         out.append("| provider | status | cases | reason |")
         out.append("|---|---|---:|---|")
         for (prov, status, reason), rs in sorted(
-                groups.items(), key=lambda kv: (list(PROVIDERS).index(kv[0][0]), kv[0][1])):
+                groups.items(), key=lambda kv: (list(PROVIDERS).index(kv[0][0].split()[0]),
+                                                kv[0][0], kv[0][1])):
             modes_ = sorted({r["mode"] for r in rs}, key=lambda m: modes.index(m)
                             if m in modes else 99)
             reason = (reason or "").replace("|", "\\|")
@@ -155,7 +164,11 @@ def plot(doc: dict, path: str) -> Optional[str]:
         import matplotlib.pyplot as plt
     except Exception as e:
         return f"plot skipped: matplotlib is not available ({e.__class__.__name__})"
-    rows = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] != "baseline"]
+    # one method's rows: DDPM's, or (a run of other methods only) the first one's
+    steps = [r for r in doc["rows"] if r["status"] == "ok" and r["mode"] != "baseline"]
+    timed = {r.get("method", "ddpm") for r in steps if r["mode"] != "overhead"}
+    method = next((m for m in METHODS if m in timed), "ddpm")
+    rows = [r for r in steps if r.get("method", "ddpm") == method]
     panels = sorted({(r["dtype"], r["mode"]) for r in rows},
                     key=lambda p: (list(DTYPES).index(p[0]), list(MODES).index(p[1])))
     if not panels:
@@ -196,7 +209,8 @@ def plot(doc: dict, path: str) -> Optional[str]:
             seen.setdefault(lab, h)
     labels = sorted(seen, key=lambda k: list(PROVIDERS).index(k) if k in PROVIDERS else 99)
     handles = [seen[k] for k in labels]
-    fig.suptitle(f"fused-ddpm bench - {doc['device']} - {doc['date']}", fontsize=10)
+    fig.suptitle(f"fused-ddpm bench - {doc['device']} - {doc['date']}"
+                 + ("" if method == "ddpm" else f" - {method}"), fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 9), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
@@ -218,17 +232,47 @@ def load(paths: Iterable[str]) -> List[dict]:
     return docs
 
 
-def results_md(paths: Iterable[str], out: str = RESULTS_MD) -> str:
-    """Regenerate ``out`` from result JSON files: the latest GPU run and the latest CPU run
-    (by date). Returns the text written."""
+def static_estimate(path: str = SASS_ESTIMATE) -> Optional[str]:
+    """The GPU section's stand-in while no GPU run is recorded: the SASS budget table of
+    ``.ci/sass_budget.py`` kept in ``path`` (its provenance in the file's first lines), as
+    Markdown; None when there is no such file."""
+    if not os.path.exists(path):
+        return None
+    with open(path) as f:
+        lines = f.read().rstrip().splitlines()
+    notes = [ln[2:] for ln in lines if ln.startswith("# ")]
+    table_lines = [ln for ln in lines if not ln.startswith("#")]
+    return "\n".join([
+        "### Static estimate (until a GPU run replaces it)",
+        "",
+        "Predicted time of the 64x3x512x512 step on an H200 from SASS instruction issue "
+        "alone (instructions per element from the compiled kernels, at IPC 0.8; `issue us`), "
+        "next to the memory floor of that step (`floor us`): a kernel is predicted to run at "
+        "the larger of the two. Not a measurement.",
+        "",
+        *(f"- {n}" for n in notes),
+        "",
+        "```",
+        *table_lines,
+        "```",
+        ""])
+
+
+def results_md(paths: Iterable[str], out: str = RESULTS_MD,
+               estimate: Optional[str] = SASS_ESTIMATE) -> str:
+    """Regenerate ``out`` from result JSON files: per device kind (GPU, then CPU) the latest
+    run (by date) of each preset; with no GPU run, the static estimate kept in ``estimate``
+    (:func:`static_estimate`). Returns the text written."""
     docs = load(paths)
     if not docs:
         raise ValueError("no result files given")
-    latest: Dict[str, dict] = {}
+    latest: Dict[str, Dict[str, dict]] = {"cuda": {}, "cpu": {}}
     for d in docs:
         kind = "cuda" if d.get("device_type") == "cuda" else "cpu"
-        if kind not in latest or d["date"] > latest[kind]["date"]:
-            latest[kind] = d
+        runs = latest[kind]
+        preset = d.get("preset") or "custom"
+        if preset not in runs or d["date"] > runs[preset]["date"]:
+            runs[preset] = d
     outdir = os.path.dirname(os.path.abspath(out))
     parts = [
         "# Benchmark results",
@@ -249,21 +293,33 @@ def results_md(paths: Iterable[str], out: str = RESULTS_MD) -> str:
         "(diffusers cannot take external noise: its own-noise row is used for fwd-noise).",
         "",
     ]
+    order = {p: i for i, p in enumerate(PRESETS)}
     for kind, title in (("cuda", "GPU"), ("cpu", "CPU")):
-        d = latest.get(kind)
-        parts.append(f"## {title}: latest run\n")
-        if d is None:
+        runs = sorted(latest[kind].values(),
+                      key=lambda d: (order.get(d.get("preset"), len(order)), d["date"]))
+        if not runs:
+            parts.append(f"## {title}: latest run\n")
             cmd = "--preset gpu" if kind == "cuda" else "--preset cpu --threads 1"
             parts.append(f"No {title} run recorded yet (`python -m bench {cmd} --record`).\n")
+            est = static_estimate(estimate) if kind == "cuda" and estimate else None
+            if est:
+                parts.append(est)
             continue
-        parts.append(header(d))
-        parts.append(f"- source: `{os.path.relpath(d['_path'], outdir)}`")
-        png = os.path.splitext(d["_path"])[0] + ".png"
-        parts.append("")
-        if os.path.exists(png):
-            parts.append(f"![time vs size]({os.path.relpath(png, outdir)})\n")
-        parts.append(table(d))
+        for d in runs:
+            parts.append(f"## {title}: latest run (preset `{d.get('preset')}`)\n")
+            section(parts, d, outdir)
     text = "\n".join(parts).rstrip() + "\n"
     with open(out, "w") as f:
         f.write(text)
     return text
+
+
+def section(parts: List[str], d: dict, outdir: str) -> None:
+    """Append one run's header, plot and tables to ``parts``."""
+    parts.append(header(d))
+    parts.append(f"- source: `{os.path.relpath(d['_path'], outdir)}`")
+    png = os.path.splitext(d["_path"])[0] + ".png"
+    parts.append("")
+    if os.path.exists(png):
+        parts.append(f"![time vs size]({os.path.relpath(png, outdir)})\n")
+    parts.append(table(d))

@@ -6,6 +6,7 @@ import datetime as _dt
 import gc
 import os
 import platform
+import statistics
 import subprocess
 import sys
 import time
@@ -16,11 +17,11 @@ import torch
 
 from . import providers as P
 from . import timing
-from .config import (BASELINE_PROVIDERS, DTYPES, LOOP_MODES, LOOP_STEPS, MODES, PASSES,
-                     PROVIDERS, Preset, parse_shape)
+from .config import (BASELINE_PROVIDERS, DROPIN_MODES, DTYPES, LOOP_MODES, LOOP_STEPS, METHODS,
+                     MODES, PASSES, PROVIDERS, Preset, parse_shape, passes)
 
-#: providers measured only in mode "overhead" (and always there: "add" is its floor)
-OVERHEAD_ONLY = ("add", "dropin", "dropin-philox")
+#: the drop-in providers (measured in DROPIN_MODES only)
+DROPINS = ("dropin", "dropin-philox")
 
 SCHEMA_VERSION = 1
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -87,16 +88,17 @@ def utc_now() -> str:
 
 # ------------------------------------------------------------------------------ cases
 def enumerate_cases(preset: Preset) -> List[dict]:
-    """Every (provider, mode, shape, dtype) of the preset's groups, de-duplicated, with the
-    baseline cases (randn when asked for; copy always) once per (shape, dtype)."""
+    """Every (provider, mode, shape, dtype, method) of the preset's groups, de-duplicated,
+    with the method-independent cases (the baselines: randn when asked for, copy always;
+    mode overhead's torch.add) once per (shape, dtype), under method "ddpm"."""
     cases, seen = [], set()
 
-    def add(provider, mode, shape_name, dtype):
-        key = (provider, mode, shape_name, dtype)
+    def add(provider, mode, shape_name, dtype, method="ddpm"):
+        key = (provider, mode, shape_name, dtype, method)
         if key not in seen:
             seen.add(key)
             cases.append({"provider": provider, "mode": mode, "shape_name": shape_name,
-                          "dtype": dtype})
+                          "dtype": dtype, "method": method})
 
     for g in preset.groups:
         for shape_name in g.shapes:
@@ -104,29 +106,57 @@ def enumerate_cases(preset: Preset) -> List[dict]:
                 add("copy", "baseline", shape_name, dtype)     # always: the floor
                 if "randn" in g.providers:
                     add("randn", "baseline", shape_name, dtype)
-                for mode in g.modes:
-                    if mode == "overhead":
-                        add("add", mode, shape_name, dtype)     # always: the ratio's floor
-                    for prov in g.providers:
-                        if prov in BASELINE_PROVIDERS:
-                            continue
-                        if prov == "sample" and mode not in LOOP_MODES:
-                            continue       # a whole loop: nothing to time per step
-                        if prov in OVERHEAD_ONLY and mode != "overhead":
-                            continue
-                        add(prov, mode, shape_name, dtype)
+                for method in g.methods:
+                    for mode in g.modes:
+                        if mode == "overhead":
+                            add("add", mode, shape_name, dtype)  # always: the ratio's floor
+                        for prov in g.providers:
+                            if prov in BASELINE_PROVIDERS or prov == "add":
+                                continue
+                            if prov == "sample" and mode not in LOOP_MODES:
+                                continue   # a whole loop: nothing to time per step
+                            if prov in DROPINS and mode not in DROPIN_MODES:
+                                continue
+                            add(prov, mode, shape_name, dtype, method)
     order = {p: i for i, p in enumerate(PROVIDERS)}
     morder = {m: i for i, m in enumerate(["baseline"] + list(MODES))}
     shapes = []
     for c in cases:
         if c["shape_name"] not in shapes:
             shapes.append(c["shape_name"])
-    # baselines first per (shape, dtype); expensive compile cases are fine anywhere
-    # CUDA-graph captures last: a failed capture can spoil the CUDA context for what follows
-    cases.sort(key=lambda c: (c["mode"] == "loop-graph", shapes.index(c["shape_name"]),
+    # baselines first per (shape, dtype); torch.compile cases (seconds of compilation
+    # each) last, so that a run with a time limit measures everything else first; CUDA-graph
+    # captures after the other cases of the fused steps: a failed capture can spoil the CUDA
+    # context for what follows (torch.compile has no loop-graph case to capture)
+    # DDPM before the other methods
+    methods = list(METHODS)
+    cases.sort(key=lambda c: (c["provider"] == "compile", c["mode"] == "loop-graph",
+                              methods.index(c["method"]), shapes.index(c["shape_name"]),
                               list(DTYPES).index(c["dtype"]), morder[c["mode"]],
                               order[c["provider"]]))
     return cases
+
+
+def new_row(case: dict) -> dict:
+    """A case's row before it is measured: what it is and its byte floor (status None)."""
+    name, shape = parse_shape(case["shape_name"])
+    dtype = DTYPES[case["dtype"]]
+    numel = 1
+    for s in shape:
+        numel *= s
+    esize = torch.tensor([], dtype=dtype).element_size()
+    mode, prov, method = case["mode"], case["provider"], case.get("method", "ddpm")
+    npass = PASSES[prov] if mode == "baseline" else passes(method, mode)
+    steps = LOOP_STEPS if mode in LOOP_MODES else 1
+    return {"provider": prov, "mode": mode, "method": method, "shape_name": name,
+            "shape": list(shape), "dtype": case["dtype"], "numel": numel, "passes": npass,
+            "steps": steps, "bytes": npass * numel * esize * steps, "status": None,
+            "reason": None}
+
+
+def skipped_row(case: dict, reason: str) -> dict:
+    """The row of a case that was not started (status "skipped")."""
+    return dict(new_row(case), status="skipped", reason=reason)
 
 
 def _classify(e: BaseException) -> str:
@@ -144,23 +174,20 @@ def _short(e: BaseException) -> str:
 
 
 def run_case(case: dict, device: torch.device, settings) -> dict:
-    name, shape = parse_shape(case["shape_name"])
-    dtype = DTYPES[case["dtype"]]
-    numel = 1
-    for s in shape:
-        numel *= s
-    esize = torch.tensor([], dtype=dtype).element_size()
-    mode, prov = case["mode"], case["provider"]
-    passes = PASSES[prov] if mode == "baseline" else PASSES[mode]
-    steps = LOOP_STEPS if mode in LOOP_MODES else 1
-    row = {"provider": prov, "mode": mode, "shape_name": name, "shape": list(shape),
-           "dtype": case["dtype"], "numel": numel, "passes": passes, "steps": steps,
-           "bytes": passes * numel * esize * steps, "status": None, "reason": None}
+    row = new_row(case)
+    mode, prov, steps = row["mode"], row["provider"], row["steps"]
+    shape, dtype = tuple(row["shape"]), DTYPES[row["dtype"]]
     try:
-        fn, nbuf = P.build(prov, mode, shape, dtype, device, settings.rotate)
+        fn, nbuf = P.build(prov, mode, shape, dtype, device, settings.rotate, row["method"])
         row["buffers"] = nbuf
         if mode in LOOP_MODES:
             tm = timing.time_once_each(fn, device, settings.loop_repeats)
+        elif mode == "overhead" and prov != "add":
+            # torch.add timed just before each repeat: x_add from ratios under equal load
+            add, _ = P.build("add", mode, shape, dtype, device, settings.rotate)
+            tm, ratios = timing.time_paired(fn, add, device, settings.repeats,
+                                            settings.min_repeat_s, settings.warmup_s)
+            row["x_add"] = statistics.median(ratios)
         else:
             tm = timing.measure(fn, device, settings.timer, settings.repeats,
                                 settings.min_repeat_s, settings.warmup_s)
@@ -194,16 +221,17 @@ def derive(rows: List[dict]) -> None:
     def key(r):
         return (r["shape_name"], r["dtype"])
     copy = {key(r): r for r in rows if r["provider"] == "copy" and r["status"] == "ok"}
-    by = {(r["provider"], r["mode"], r["shape_name"], r["dtype"]): r for r in rows
-          if r["status"] == "ok"}
+    by = {(r["provider"], r["mode"], r["shape_name"], r["dtype"], r.get("method", "ddpm")): r
+          for r in rows if r["status"] == "ok"}
     for r in rows:
         for f in ("floor_us", "fraction_of_floor", "copy_gbps", "speedup_vs_diffusers",
                   "speedup_vs_compile", "x_add"):
             r.setdefault(f, None)
         if r["status"] != "ok":
             continue
-        add = by.get(("add", "overhead", r["shape_name"], r["dtype"]))
-        if r["mode"] == "overhead" and add is not None:
+        method = r.get("method", "ddpm")
+        add = by.get(("add", "overhead", r["shape_name"], r["dtype"], "ddpm"))
+        if r["mode"] == "overhead" and add is not None and r["x_add"] is None:
             r["x_add"] = r["median_us"] / add["median_us"]
         c = copy.get(key(r))
         if c is not None:
@@ -212,13 +240,13 @@ def derive(rows: List[dict]) -> None:
             r["fraction_of_floor"] = r["floor_us"] / r["median_us"]
         if r["mode"] == "baseline":
             continue
-        d = by.get(("diffusers", r["mode"], r["shape_name"], r["dtype"]))
+        d = by.get(("diffusers", r["mode"], r["shape_name"], r["dtype"], method))
         if d is None and r["mode"] == "fwd-noise":
-            # DDPMScheduler.step cannot take external noise: compare with its own-noise row
-            d = by.get(("diffusers", "fwd-seeds", r["shape_name"], r["dtype"]))
+            # the stock step cannot take external noise: compare with its own-noise row
+            d = by.get(("diffusers", "fwd-seeds", r["shape_name"], r["dtype"], method))
         if d is not None and r["provider"] != "diffusers":
             r["speedup_vs_diffusers"] = d["median_us"] / r["median_us"]
-        cm = by.get(("compile", r["mode"], r["shape_name"], r["dtype"]))
+        cm = by.get(("compile", r["mode"], r["shape_name"], r["dtype"], method))
         if cm is not None and r["provider"] != "compile":
             r["speedup_vs_compile"] = cm["median_us"] / r["median_us"]
 
@@ -232,9 +260,28 @@ def resolve_device(spec: str) -> torch.device:
     return dev
 
 
+def progress_line(r: dict) -> str:
+    """One line for a finished row: the case, its status, and its time when measured."""
+    method = r.get("method", "ddpm")
+    line = (f"  {r['provider']:>9} {r['mode']:<10} {r['shape_name']:<16} {r['dtype']:<5}"
+            f"{'' if method == 'ddpm' else ' [' + method + ']'} {r['status']}")
+    if r["status"] == "ok":
+        line += f" {r['median_us']:.1f} us"
+        if r.get("per_step_us") is not None:
+            line += f" ({r['per_step_us']:.2f} us/step)"
+    elif r["reason"]:
+        line += f" ({r['reason'][:120]})"
+    return line
+
+
 def run(preset: Preset, device: torch.device, preset_name: str = "custom",
-        progress: bool = True, argv: Optional[List[str]] = None, log=None) -> dict:
-    """Run every case of ``preset`` on ``device``; returns the result document."""
+        progress: bool = True, argv: Optional[List[str]] = None, log=None,
+        time_limit_s: Optional[float] = None) -> dict:
+    """Run every case of ``preset`` on ``device``; returns the result document.
+
+    ``log(line)`` gets one line per finished case (when there is no progress bar).
+    ``time_limit_s``: cases not started within this many seconds of the start become rows
+    with status "skipped" (so a run inside a fixed window still returns its document)."""
     settings = preset.settings
     cases = enumerate_cases(preset)
     t_start = time.perf_counter()
@@ -251,13 +298,15 @@ def run(preset: Preset, device: torch.device, preset_name: str = "custom",
         if bar is not None:
             bar.set_postfix_str(f"{c['provider']} {c['mode']} {c['shape_name']} {c['dtype']}",
                                 refresh=False)
-        rows.append(run_case(c, device, settings))
+        if time_limit_s is not None and time.perf_counter() - t_start > time_limit_s:
+            rows.append(skipped_row(c, f"not run: the run's time limit ({time_limit_s:g} s) "
+                                       f"was reached"))
+        else:
+            rows.append(run_case(c, device, settings))
         if bar is not None:
             bar.update(1)
         elif log is not None:
-            r = rows[-1]
-            log(f"  {r['provider']:>9} {r['mode']:<10} {r['shape_name']:<16} {r['dtype']:<5}"
-                f" {r['status']}")
+            log(progress_line(rows[-1]))
     if bar is not None:
         bar.close()
     derive(rows)
@@ -270,7 +319,9 @@ def run(preset: Preset, device: torch.device, preset_name: str = "custom",
         "commit": git_commit(),
         "dirty": git_dirty(),
         "preset": preset_name,
-        "command": "python -m bench " + " ".join(argv) if argv is not None else None,
+        "command": (f"python -m {__package__ or 'bench'} " + " ".join(argv)
+                    if argv is not None else None),
+        "time_limit_s": time_limit_s,
         "settings": {"repeats": settings.repeats, "min_repeat_s": settings.min_repeat_s,
                      "warmup_s": settings.warmup_s, "loop_repeats": settings.loop_repeats,
                      "timer": settings.timer, "rotate": settings.rotate,
@@ -278,7 +329,8 @@ def run(preset: Preset, device: torch.device, preset_name: str = "custom",
                      "cache_bytes": timing.cache_bytes(device)},
         "backends": dict(P.backend_status()),
         "duration_s": round(time.perf_counter() - t_start, 2),
-        "overhead": {f"{r['provider']} {r['shape_name']} {r['dtype']}": round(r["x_add"], 2)
+        "overhead": {f"{r['provider']} {r['shape_name']} {r['dtype']}"
+                     f"{'' if r['method'] == 'ddpm' else ' ' + r['method']}": round(r["x_add"], 2)
                      for r in rows if r.get("x_add") is not None},
         "rows": rows,
     }

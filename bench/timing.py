@@ -13,7 +13,7 @@ import os
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Callable, List
+from typing import Callable, List, Tuple
 
 import torch
 
@@ -114,6 +114,34 @@ def time_do_bench(fn, device, repeats: int, min_repeat_s: float, warmup_s: float
                  quantiles=[0.2, 0.5, 0.8], return_mode="median")
     samples = [v * 1e3 for v in (q if isinstance(q, (list, tuple)) else [q])]
     return Timing(samples, 1, "do_bench", first)
+
+
+def time_paired(fn, base, device, repeats: int, min_repeat_s: float, warmup_s: float
+                ) -> Tuple[Timing, List[float]]:
+    """Wall-clock timing of ``fn`` with ``base`` timed just before it in every repeat:
+    (fn's Timing, fn's per-call time / base's per repeat). Both see the same machine load,
+    so the ratios hold on a busy machine where separately timed rows drift apart."""
+    first, est, i = _first_and_warmup(fn, device, warmup_s)
+    _, best, j = _first_and_warmup(base, device, warmup_s)
+    k = max(1, int(math.ceil(min_repeat_s / max(est, 1e-9))))
+    kb = max(1, int(math.ceil(min_repeat_s / max(best, 1e-9))))
+    samples, ratios = [], []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        for _ in range(kb):
+            base(j)
+            j += 1
+        _sync(device)
+        t1 = time.perf_counter()
+        for _ in range(k):
+            fn(i)
+            i += 1
+        _sync(device)
+        t2 = time.perf_counter()
+        samples.append((t2 - t1) / k * 1e6)
+        ratios.append(((t2 - t1) / k) / ((t1 - t0) / kb))
+    return Timing(samples, k, "wall", first), ratios
 
 
 def measure(fn, device: torch.device, timer: str, repeats: int, min_repeat_s: float,

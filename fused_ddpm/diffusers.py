@@ -37,31 +37,54 @@ Host syncs
     A Python-int or CPU-tensor timestep (what diffusers' pipelines pass) follows diffusers
     exactly.
 
-Unsupported
-    ``variance_type="fixed_large_log"`` is broken in diffusers (it multiplies the noise by
-    the square root of log β_t < 0, so every step with t > 0 is NaN). ``step`` raises a
-    ``ValueError`` for it instead of returning NaN; the scheduler can still be built, saved
-    and loaded. Stepping from a timestep that is not in the schedule (diffusers raises an
-    ``IndexError``) steps to the largest scheduled timestep below it.
+Configurations the table cannot express
+    Every configuration stock diffusers steps without an error is accepted, with diffusers'
+    outputs (non-finite values included). Where the fused table cannot express a visited
+    timestep (ᾱ_t = 0 with ``prediction_type="epsilon"``: diffusers clips an infinite x̂0;
+    float32 ᾱ underflowing to 0, e.g. ``beta_end=0.2``; ``beta_end > 1``) that step runs
+    diffusers' own ``step`` (the ``"partial"`` path); where the configuration itself is
+    outside what the table takes (``thresholding`` with ``sample_max_value < 1``,
+    ``variance_type="fixed_large_log"``, which diffusers makes NaN for every t > 0, a
+    negative DDIM ``eta``) every step does (the ``"stock"`` path). ``fused_path`` and
+    ``fused_path_reason`` say which, and a :class:`StockFallbackWarning` is issued once per
+    schedule. An unknown ``variance_type`` string is stepped as ``"fixed_small"``, as
+    diffusers does, with a warning. Stepping from a timestep that is not in the schedule
+    (diffusers raises an ``IndexError``) steps to the largest scheduled timestep below it.
+
+Pipelines
+    ``DDPMPipeline(unet, FusedDDPMScheduler()).save_pretrained(d)`` names
+    ``fused_ddpm.diffusers`` in ``model_index.json``; ``DDPMPipeline.from_pretrained(d)``
+    loads it back as the fused class in any process that imported ``fused_ddpm.diffusers``
+    (diffusers loads components only from modules already imported). Loading with
+    ``scheduler=DDPMScheduler.from_pretrained(d, subfolder="scheduler")`` needs no
+    fused_ddpm. ``DDIMPipeline`` turns any scheduler into a stock ``DDIMScheduler`` in its
+    constructor; assign ``pipe.scheduler = FusedDDIMScheduler.from_config(
+    pipe.scheduler.config)`` after building or loading it.
 
 ``fused_ddpm.diffusers`` imports without diffusers installed; using the classes then raises
 an ``ImportError`` that says ``pip install diffusers``.
 """
 from __future__ import annotations
 
+import warnings
 from collections import OrderedDict
-from typing import Dict, List, Optional, Tuple, Union
+from dataclasses import dataclass
+from typing import Callable, Dict, FrozenSet, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .coefficients import StepCoefficients, step_coefficients
+from .coefficients import StepCoefficients, StepConfig, previous_timesteps
+from .methods import build_table
 from .schedule import NoiseSchedule
 from .step import SEED_HIGH, ddpm_step
 
 try:  # diffusers is optional
     from diffusers import DDIMScheduler as _DDIMScheduler
     from diffusers import DDPMScheduler as _DDPMScheduler
+    # a module-level SchedulerMixin is how diffusers' pipeline loader recognises the classes
+    # of a module it loads components from (model_index.json names fused_ddpm.diffusers)
+    from diffusers import SchedulerMixin  # noqa: F401
     from diffusers.configuration_utils import register_to_config
     from diffusers.schedulers.scheduling_ddim import DDIMSchedulerOutput
     from diffusers.schedulers.scheduling_ddpm import DDPMSchedulerOutput
@@ -70,10 +93,27 @@ try:  # diffusers is optional
 except ImportError as _e:  # pragma: no cover - exercised in a test with diffusers hidden
     _DIFFUSERS_ERROR = _e
 
-__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "NOISE_SOURCES",
-           "schedule_from_alphas_cumprod"]
+__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "FusedDPMSolverMultistepScheduler",
+           "FusedEulerAncestralDiscreteScheduler", "NOISE_SOURCES", "FUSED_PATHS",
+           "StockFallbackWarning", "schedule_from_alphas_cumprod"]
 
 NOISE_SOURCES = ("randn", "philox")
+#: what ``fused_path`` reports: every step fused, some timesteps stock, every step stock
+FUSED_PATHS = ("fused", "partial", "stock")
+_PRECISION = "diffusers_float32"
+#: diffusers' DDPMScheduler variance types -> the registry's name (None: stock step only);
+#: diffusers treats any other string as "fixed_small"
+_DDPM_VARIANCES: Dict[str, Optional[str]] = {
+    "fixed_small": "fixed_small", "fixed_small_log": "fixed_small_log",
+    "fixed_large": "fixed_large", "learned": "learned", "learned_range": "learned_range",
+    # diffusers takes the square root of log β_t < 0 here: NaN for every t > 0
+    "fixed_large_log": None,
+}
+
+
+class StockFallbackWarning(UserWarning):
+    """A fused drop-in runs diffusers' own ``step`` for some or all steps (the message says
+    which and why); its outputs are still diffusers' outputs."""
 _INSTALL_HINT = ("fused_ddpm.diffusers needs the diffusers package: pip install diffusers "
                  "(or pip install 'fused-ddpm[diffusers]')")
 
@@ -86,26 +126,87 @@ def schedule_from_alphas_cumprod(alphas_cumprod: Tensor) -> NoiseSchedule:
     abar = alphas_cumprod.detach().to("cpu", torch.float64).flatten()
     prev = torch.cat([abar.new_ones(1), abar[:-1]])
     betas = torch.where(prev > 0, 1.0 - abar / prev.clamp(min=1e-300), torch.ones_like(abar))
-    return NoiseSchedule(num_train_timesteps=abar.numel(), trained_betas=betas.clamp(0.0, 1.0).tolist())
+    return NoiseSchedule(num_train_timesteps=abar.numel(),
+                         trained_betas=betas.clamp(0.0, 1.0).tolist())
 
 
-def _build_coefficients(schedule: NoiseSchedule, timesteps: List[int], *, method: str,
-                        prediction_type: str, variance_type: str, clip_sample: bool,
-                        clip_sample_range: float, thresholding: bool,
-                        dynamic_thresholding_ratio: float, sample_max_value: float,
-                        eta: float = 0.0, use_clipped_model_output: bool = False,
-                        set_alpha_to_one: bool = True,
-                        step_gap: Optional[int] = None) -> StepCoefficients:
-    """The coefficients of a diffusers step: diffusers' float32 arithmetic
-    (``precision="diffusers_float32"``) on ``schedule`` (diffusers' own ᾱ)."""
-    return step_coefficients(
-        schedule, method=method, prediction_type=prediction_type, variance_type=variance_type,
-        clip_sample_range=float(clip_sample_range) if clip_sample else None,
-        timesteps=timesteps, thresholding=thresholding,
-        dynamic_thresholding_ratio=dynamic_thresholding_ratio,
-        sample_max_value=sample_max_value, eta=eta,
-        use_clipped_model_output=use_clipped_model_output, set_alpha_to_one=set_alpha_to_one,
-        step_gap=step_gap, precision="diffusers_float32")
+@dataclass(frozen=True)
+class _Plan:
+    """How a drop-in steps with one configuration (and inference schedule).
+
+    ``coeffs``: the table of the fused steps (None: every step is stock); ``stock``: visited
+    timesteps whose rows the table cannot express (diffusers' step gives inf/NaN there, or
+    clips an infinite x̂0), stepped by diffusers' own ``step``; ``reason``: why anything is
+    stock (None when nothing is)."""
+
+    coeffs: Optional[StepCoefficients]
+    stock: FrozenSet[int] = frozenset()
+    reason: Optional[str] = None
+
+    @property
+    def path(self) -> str:
+        """One of :data:`FUSED_PATHS`."""
+        if self.coeffs is None:
+            return "stock"
+        return "partial" if self.stock else "fused"
+
+
+def _stock_plan(reason: str) -> _Plan:
+    return _Plan(None, frozenset(), reason)
+
+
+def _finite_rows(table64: Tensor) -> Tensor:
+    """bool ``[R]``: rows finite in float64 and in the kernels' float32."""
+    return torch.isfinite(table64).all(dim=1) & torch.isfinite(table64.float()).all(dim=1)
+
+
+def _plan(schedule: Optional[NoiseSchedule], make_config: Callable[[], StepConfig],
+          timesteps: List[int], step_gap: Optional[int] = None) -> _Plan:
+    """The fused table for ``timesteps`` (diffusers' float32 arithmetic on ``schedule``,
+    diffusers' own ᾱ), with the visited rows it cannot express left to the stock step.
+
+    ``schedule`` None or a ``make_config()`` that raises ValueError (an option value our
+    validation refuses, e.g. ``sample_max_value < 1``): every step is stock."""
+    if schedule is None:
+        return _stock_plan("diffusers' float32 alphas_cumprod is not a product of betas in "
+                           "[0, 1] (betas > 1?)")
+    try:
+        cfg = make_config()
+    except ValueError as e:
+        return _stock_plan(str(e))
+    T = schedule.num_train_timesteps
+    ts = torch.tensor(timesteps, dtype=torch.int64)
+    try:
+        coeffs = StepCoefficients(schedule, cfg, ts, step_gap=step_gap, precision=_PRECISION)
+        if bool(_finite_rows(coeffs.table64[ts]).all()):
+            return _Plan(coeffs)
+        error = "non-finite float32 coefficients"
+    except ValueError as e:        # non-finite rows at visited timesteps: found below
+        error = str(e)
+    if step_gap is None:
+        prev = previous_timesteps(ts, T)
+    else:
+        prev = torch.arange(T, dtype=torch.int64) - step_gap
+        prev = torch.where(prev >= 0, prev, torch.full_like(prev, -1))
+    ok = _finite_rows(build_table(schedule.alphas_cumprod, prev, cfg, _PRECISION))
+    keep = [t for t in timesteps if ok[t]]
+    bad = frozenset(t for t in timesteps if not ok[t])
+    reason = (f"diffusers' step gives non-finite values (or clips an infinite x̂0) at "
+              f"timesteps {sorted(bad, reverse=True)[:8]}{' ...' if len(bad) > 8 else ''}")
+    if not bad:
+        return _stock_plan(error)
+    if not keep:
+        return _stock_plan(reason)
+    coeffs = StepCoefficients(schedule, cfg, torch.tensor(keep), step_gap=step_gap,
+                              precision=_PRECISION)
+    keep_t = torch.tensor(keep)
+    if not torch.equal(coeffs.prev_timesteps[keep_t], prev[keep_t]):
+        return _stock_plan(reason)   # dropping rows changed where a fused row steps to
+    return _Plan(coeffs, bad, reason)
+
+
+def _clip_range(cfg) -> Optional[float]:
+    return float(cfg.clip_sample_range) if cfg.clip_sample else None
 
 
 def _output(cls, **values):
@@ -120,23 +221,41 @@ def _output(cls, **values):
     return out
 
 
+class _MissingDiffusers(type):
+    """Metaclass of the stand-ins used without diffusers: any use raises the install hint."""
+
+    def __getattr__(cls, name):
+        if name.startswith("__"):
+            raise AttributeError(name)
+        raise ImportError(f"{cls.__name__}: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
+
+
+def _stand_in(name: str) -> type:
+    """A class named ``name`` whose construction or use raises the install hint."""
+    def __init__(self, *args, **kwargs):
+        raise ImportError(f"{name}: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
+    return _MissingDiffusers(name, (), {"__init__": __init__, "__doc__":
+                                        "Stand-in: diffusers is not installed "
+                                        "(``pip install diffusers``)."})
+
+
 # ----------------------------------------------------------------------------- mixin
 class _FusedStepMixin:
     """What both fused schedulers share: the noise source, the backend, the coefficient
     cache (per key and device) and timestep handling."""
 
-    _fused_method = "ddpm"
 
     def _fused_init(self, noise: str, backend: str) -> None:
         self.noise = noise
         self.backend = backend
         self._fused_abar = self.alphas_cumprod.detach().to("cpu", torch.float32).clone()
         self._fused_schedule: Optional[NoiseSchedule] = None
-        self._fused_schedule_error: Optional[BaseException] = None
         try:
-            self._fused_schedule = schedule_from_alphas_cumprod(self._fused_abar)
-        except ValueError as e:
-            self._fused_schedule_error = e
+            schedule = schedule_from_alphas_cumprod(self._fused_abar)
+            if torch.equal(schedule.alphas_cumprod.float(), self._fused_abar):
+                self._fused_schedule = schedule
+        except ValueError:
+            pass
         self._fused_reset()
 
     @property
@@ -151,37 +270,73 @@ class _FusedStepMixin:
         self._fused_noise = value
 
     def _fused_reset(self) -> None:
-        # key → StepCoefficients, or the error building them
-        self._fused_cache: Dict[object, object] = {}
+        self._fused_cache: Dict[object, _Plan] = {}     # step-argument key -> plan
 
-    def _fused_coefficients(self, key) -> StepCoefficients:
+    def _fused_plan(self, key) -> _Plan:
         raise NotImplementedError
+
+    def _plan_for(self, key) -> _Plan:
+        """The cached plan of ``key``; a new one warns once when it uses the stock step."""
+        plan = self._fused_cache.get(key)
+        if plan is None:
+            plan = self._fused_plan(key)
+            self._fused_cache[key] = plan
+            if plan.reason is not None:
+                warnings.warn(f"{type(self).__name__}: {plan.path} path, diffusers' own step "
+                              f"runs {'every step' if plan.coeffs is None else 'those steps'}:"
+                              f" {plan.reason}", StockFallbackWarning, stacklevel=3)
+        return plan
+
+    @property
+    def fused_path(self) -> str:
+        """Which ``step`` runs for this configuration and inference schedule (with the default
+        ``step`` arguments): ``"fused"`` (the fused op, every step), ``"partial"`` (diffusers'
+        own step at the timesteps the table cannot express, the fused op elsewhere) or
+        ``"stock"`` (diffusers' own step throughout). See :attr:`fused_path_reason`."""
+        return self._plan_for(self._default_key).path
+
+    @property
+    def fused_path_reason(self) -> Optional[str]:
+        """Why some steps are stock (None on the ``"fused"`` path)."""
+        return self._plan_for(self._default_key).reason
+
+    _default_key: object = None
 
     def fused_coefficients(self, device: Union[str, torch.device, None] = None, key=None
                            ) -> StepCoefficients:
         """The :class:`~fused_ddpm.StepCoefficients` ``step`` uses (built once per schedule
         and key; their table is copied to each device once, on first use there, or now
-        for ``device``)."""
-        built = self._fused_cache.get(key)
-        if built is None:
-            try:
-                if self._fused_schedule_error is not None:
-                    raise self._fused_schedule_error
-                built = self._fused_coefficients(key)
-            except ValueError as e:   # deferred to step, as diffusers fails there too
-                built = e
-            self._fused_cache[key] = built
-        if isinstance(built, BaseException):
-            raise ValueError(f"{type(self).__name__} cannot step with this configuration: "
-                             f"{built}") from built
+        for ``device``). A ValueError on the ``"stock"`` path (:attr:`fused_path`)."""
+        plan = self._plan_for(key)
+        if plan.coeffs is None:
+            raise ValueError(f"{type(self).__name__} runs diffusers' own step with this "
+                             f"configuration (no fused table): {plan.reason}")
         if device is not None:
-            built.table_on(device)
-        return built
+            plan.coeffs.table_on(device)
+        return plan.coeffs
+
+    @staticmethod
+    def _stock_step(plan: _Plan, timestep) -> bool:
+        """Whether this step runs diffusers' own step. Reads a device timestep's value (a host
+        sync) only on the ``"partial"`` path."""
+        if plan.coeffs is None:
+            return True
+        if not plan.stock:
+            return False
+        if isinstance(timestep, Tensor) and timestep.numel() != 1:
+            hit = sorted(set(timestep.flatten().tolist()) & plan.stock)
+            if hit:
+                raise ValueError(f"timestep: per-sample timesteps {hit} need diffusers' own "
+                                 f"step, which takes one timestep per call")
+            return False
+        return int(timestep) in plan.stock
 
     @staticmethod
     def _host_timestep(timestep, sample: Tensor):
         """(t for ddpm_step, whether noise is added: True/False when the host knows t,
         None for a device tensor)."""
+        if not isinstance(timestep, (int, Tensor)) and getattr(timestep, "ndim", 0) > 0:
+            timestep = torch.as_tensor(timestep)      # a NumPy array of per-sample timesteps
         if isinstance(timestep, Tensor):
             if timestep.is_cpu:
                 if timestep.numel() == 1:
@@ -211,28 +366,36 @@ class _FusedStepMixin:
         random numbers (a fixed seed feeds the in-kernel noise that σ = 0 discards)."""
         return None, 0
 
-    def _draw_noise(self, generator, sample: Tensor, model_output: Tensor):
+    def _draw_noise(self, generator, sample: Tensor, model_output: Tensor,
+                    dtype: Optional[torch.dtype] = None):
+        """(noise, seeds): z ``[sample.shape]`` drawn as diffusers draws it (in ``dtype``,
+        default the model output's), or Philox seeds."""
         if self.noise == "philox":
             return None, self._draw_seeds(generator, sample.shape[0], sample.device)
         device = model_output.device
+        dtype = model_output.dtype if dtype is None else dtype
         if generator is None or (type(generator) is torch.Generator and
                                  generator.device.type == device.type):
             # what randn_tensor does for one generator on the sample's device type
-            z = torch.randn(sample.shape, generator=generator, device=device,
-                            dtype=model_output.dtype)
+            z = torch.randn(sample.shape, generator=generator, device=device, dtype=dtype)
         else:
             z = randn_tensor(tuple(sample.shape), generator=generator, device=device,
-                             dtype=model_output.dtype)
+                             dtype=dtype)
         return z, None
 
     def _fused_step(self, model_output: Tensor, t, sample: Tensor, coeffs: StepCoefficients,
-                    noise, seeds) -> Tuple[Tensor, Tensor]:
+                    noise, seeds, history: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if model_output.dtype != sample.dtype:
             model_output = model_output.to(sample.dtype)
         if noise is not None and noise.dtype != sample.dtype:
             noise = noise.to(sample.dtype)
+        if history is None:
+            return ddpm_step(sample, model_output, t, coeffs, noise=noise, seeds=seeds,
+                             return_x0=True, backend=self.backend)
+        if history.dtype != sample.dtype:
+            history = history.to(sample.dtype)
         return ddpm_step(sample, model_output, t, coeffs, noise=noise, seeds=seeds,
-                         return_x0=True, backend=self.backend)
+                         return_x0=True, backend=self.backend, history=history)
 
     @classmethod
     def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
@@ -291,43 +454,54 @@ if _DIFFUSERS_ERROR is None:
                                   timesteps=timesteps)
             self._fused_reset()
 
-        def _fused_coefficients(self, key) -> StepCoefficients:
+        def _fused_plan(self, key) -> _Plan:
             cfg = self.config
             T = cfg.num_train_timesteps
             if self.custom_timesteps or self.num_inference_steps:
                 timesteps = [int(v) for v in self.timesteps.cpu().tolist()]
             else:                       # before set_timesteps diffusers steps t → t − 1
                 timesteps = list(range(T - 1, -1, -1))
-            return _build_coefficients(
-                self._fused_schedule, timesteps, method="ddpm",
-                prediction_type=cfg.prediction_type, variance_type=cfg.variance_type,
-                clip_sample=cfg.clip_sample, clip_sample_range=cfg.clip_sample_range,
-                thresholding=cfg.thresholding,
-                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-                sample_max_value=cfg.sample_max_value)
+            if cfg.variance_type in _DDPM_VARIANCES:
+                variance_type = _DDPM_VARIANCES[cfg.variance_type]
+                if variance_type is None:
+                    return _stock_plan(f"variance_type={cfg.variance_type!r} (diffusers returns "
+                                       f"NaN for every step with t > 0)")
+            else:
+                variance_type = "fixed_small"
+                warnings.warn(f"{type(self).__name__}: variance_type={cfg.variance_type!r} is "
+                              f"not one of diffusers' {list(_DDPM_VARIANCES)}; stepping with "
+                              f"'fixed_small', as diffusers' DDPMScheduler does",
+                              StockFallbackWarning, stacklevel=4)
+
+            def config() -> StepConfig:
+                return StepConfig(
+                    "ddpm", cfg.prediction_type, variance_type, _clip_range(cfg),
+                    bool(cfg.thresholding), float(cfg.dynamic_thresholding_ratio),
+                    float(cfg.sample_max_value))
+            return _plan(self._fused_schedule, config, timesteps)
 
         def step(self, model_output: Tensor, timestep, sample: Tensor,
                  generator=None, return_dict: bool = True):
-            """diffusers' ``DDPMScheduler.step``, computed by the fused op.
+            """diffusers' ``DDPMScheduler.step``, computed by the fused op (by diffusers' own
+            step where :attr:`fused_path` says so).
 
-            ``timestep`` may also be an int tensor ``[B]`` (one timestep per sample).
-            Returns ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` (or the tuple).
+            ``timestep``: an int (Python or NumPy), or an int tensor ``[]`` or ``[B]`` (one
+            timestep per sample, an extension). Returns
+            ``DDPMSchedulerOutput(prev_sample, pred_original_sample)`` (or the tuple).
             """
-            if self.config.variance_type == "fixed_large_log":
-                raise ValueError(
-                    "variance_type='fixed_large_log' is not supported by FusedDDPMScheduler: "
-                    "diffusers' DDPMScheduler takes the square root of log(beta_t) < 0 there "
-                    "and returns NaN for every step with t > 0. Use 'fixed_large' (or "
-                    "'learned_range' for GLIDE-style models).")
-            coeffs = self._fused_cache.get(None)
-            if type(coeffs) is not StepCoefficients:
-                coeffs = self.fused_coefficients()
+            plan = self._fused_cache.get(None)
+            if plan is None:
+                plan = self._plan_for(None)
+            if plan.stock and self._stock_step(plan, timestep) or plan.coeffs is None:
+                return super().step(model_output, timestep, sample, generator=generator,
+                                    return_dict=return_dict)
             t, noisy = self._host_timestep(timestep, sample)
             if noisy is False:
                 noise, seeds = self._no_noise()
             else:
                 noise, seeds = self._draw_noise(generator, sample, model_output)
-            prev_sample, x0 = self._fused_step(model_output, t, sample, coeffs, noise, seeds)
+            prev_sample, x0 = self._fused_step(model_output, t, sample, plan.coeffs, noise,
+                                               seeds)
             if not return_dict:
                 return (prev_sample, x0)
             return _output(DDPMSchedulerOutput, prev_sample=prev_sample,
@@ -343,7 +517,7 @@ if _DIFFUSERS_ERROR is None:
         """
 
         ignore_for_config = ["noise", "backend"]
-        _fused_method = "ddim"
+        _default_key = (0.0, False)
 
         @register_to_config
         def __init__(self, num_train_timesteps: int = 1000, beta_start: float = 0.0001,
@@ -370,23 +544,28 @@ if _DIFFUSERS_ERROR is None:
             super().set_timesteps(num_inference_steps, device=device)
             self._fused_reset()
 
-        def _fused_coefficients(self, key) -> StepCoefficients:
+        def _fused_plan(self, key) -> _Plan:
+            if self.num_inference_steps is None:
+                raise ValueError("Number of inference steps is 'None', you need to run "
+                                 "'set_timesteps' after creating the scheduler")
             eta, ucmo = key
             cfg = self.config
-            return _build_coefficients(
-                self._fused_schedule, [int(v) for v in self.timesteps.cpu().tolist()],
-                method="ddim", prediction_type=cfg.prediction_type,
-                variance_type="fixed_small", clip_sample=cfg.clip_sample,
-                clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
-                dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
-                sample_max_value=cfg.sample_max_value, eta=eta,
-                use_clipped_model_output=ucmo, set_alpha_to_one=cfg.set_alpha_to_one,
-                step_gap=cfg.num_train_timesteps // self.num_inference_steps)  # t − T // n
+
+            def config() -> StepConfig:
+                return StepConfig(
+                    "ddim", cfg.prediction_type, "fixed_small", _clip_range(cfg),
+                    bool(cfg.thresholding), float(cfg.dynamic_thresholding_ratio),
+                    float(cfg.sample_max_value), eta, ucmo, bool(cfg.set_alpha_to_one))
+            return _plan(self._fused_schedule, config,
+                         [int(v) for v in self.timesteps.cpu().tolist()],
+                         step_gap=cfg.num_train_timesteps // self.num_inference_steps)  # t − T//n
 
         def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
                  use_clipped_model_output: bool = False, generator=None,
                  variance_noise: Optional[Tensor] = None, return_dict: bool = True):
-            """diffusers' ``DDIMScheduler.step``, computed by the fused op.
+            """diffusers' ``DDIMScheduler.step``, computed by the fused op (by diffusers' own
+            step where the plan of this configuration and ``eta`` says so, see
+            :attr:`fused_path`). ``timestep`` as for :meth:`FusedDDPMScheduler.step`.
 
             Returns ``DDIMSchedulerOutput(prev_sample, pred_original_sample)`` (or the tuple).
             """
@@ -394,7 +573,13 @@ if _DIFFUSERS_ERROR is None:
                 raise ValueError("Number of inference steps is 'None', you need to run "
                                  "'set_timesteps' after creating the scheduler")
             eta = float(eta)
-            coeffs = self.fused_coefficients(None, (eta, bool(use_clipped_model_output)))
+            plan = self._plan_for((eta, bool(use_clipped_model_output)))
+            if plan.stock and self._stock_step(plan, timestep) or plan.coeffs is None:
+                return super().step(model_output, timestep, sample, eta=eta,
+                                    use_clipped_model_output=use_clipped_model_output,
+                                    generator=generator, variance_noise=variance_noise,
+                                    return_dict=return_dict)
+            coeffs = plan.coeffs
             t, _ = self._host_timestep(timestep, sample)
             if eta > 0:
                 if variance_noise is not None and generator is not None:
@@ -414,22 +599,9 @@ if _DIFFUSERS_ERROR is None:
                            pred_original_sample=x0)
 
 else:
-    class _MissingDiffusers(type):
-        """Metaclass of the stand-ins: any use raises the install hint."""
+    FusedDDPMScheduler = _stand_in("FusedDDPMScheduler")            # type: ignore[misc]
+    FusedDDIMScheduler = _stand_in("FusedDDIMScheduler")            # type: ignore[misc]
 
-        def __getattr__(cls, name):
-            if name.startswith("__"):
-                raise AttributeError(name)
-            raise ImportError(f"{cls.__name__}: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
-
-    class FusedDDPMScheduler(metaclass=_MissingDiffusers):  # type: ignore[no-redef]
-        """Stand-in: diffusers is not installed (``pip install diffusers``)."""
-
-        def __init__(self, *args, **kwargs):
-            raise ImportError(f"FusedDDPMScheduler: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
-
-    class FusedDDIMScheduler(metaclass=_MissingDiffusers):  # type: ignore[no-redef]
-        """Stand-in: diffusers is not installed (``pip install diffusers``)."""
-
-        def __init__(self, *args, **kwargs):
-            raise ImportError(f"FusedDDIMScheduler: {_INSTALL_HINT}") from _DIFFUSERS_ERROR
+# the DPM-Solver++ and Euler-ancestral drop-ins (they build on the mixin above)
+from .diffusers_samplers import (FusedDPMSolverMultistepScheduler,  # noqa: E402
+                                 FusedEulerAncestralDiscreteScheduler)

@@ -13,6 +13,12 @@ pytestmark = [pytest.mark.gpu,
               pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")]
 
 
+@pytest.fixture(autouse=True)
+def fixed_seed():
+    """Every test draws its random inputs from torch's generators seeded the same way."""
+    torch.manual_seed(20261129)
+
+
 @pytest.fixture
 def gpu_backend(backend):
     """The backend fixture's backends on a CUDA device (cuda, triton, torch)."""
