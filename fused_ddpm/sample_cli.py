@@ -33,33 +33,21 @@ Shards, resume, many processes
 from __future__ import annotations
 
 import argparse
-import contextlib
-import datetime
-import hashlib
-import json
 import math
 import os
-import shutil
-import struct
 import sys
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional, Sequence, Tuple
+from typing import Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
-__all__ = ["main", "build_parser", "samplers", "sample_seeds", "class_labels",
-           "to_uint8_images", "UsageError"]
+from .sample_job import GRID_MAX, Run, label_hash, run_job
+
+__all__ = ["main", "build_parser", "parse_run", "samplers", "class_labels",
+           "scheduler_coefficients", "UsageError"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
-_NOISE_TAG = b"fd.sample.noise"
-_LABEL_TAG = b"fd.sample.label"
-_MASK64 = (1 << 64) - 1
-_DIST_TIMEOUT = datetime.timedelta(hours=2)   # covers the slowest rank's last shard
-_GRID_MAX = 100
-_FORMAT = 1                                    # bump when shard contents change meaning
 
 
 class UsageError(ValueError):
@@ -67,39 +55,30 @@ class UsageError(ValueError):
 
 
 def samplers() -> Tuple[str, ...]:
-    """The step methods the project fuses (``--sampler`` choices)."""
-    from .coefficients import METHODS
-    return tuple(METHODS)
+    """The sampler step methods the project fuses (``--sampler`` choices), from its registry
+    of methods (``STEP_METHODS``: the registry's entries that sample; ``METHODS`` before it)."""
+    from . import coefficients
+    return tuple(getattr(coefficients, "STEP_METHODS", coefficients.METHODS))
 
 
-# ----------------------------------------------------------------------------- seeds, labels
-def _hash64(tag: bytes, seed: int, i: int) -> int:
-    digest = hashlib.blake2b(struct.pack("<QQ", seed & _MASK64, i), digest_size=8,
-                             person=tag).digest()
-    return int.from_bytes(digest, "little", signed=True)
-
-
-def sample_seeds(seed: int, indices: Sequence[int]) -> torch.Tensor:
-    """The per-sample Philox seeds (int64 ``[n]``) of samples ``indices`` of run ``seed``:
-    a hash of (seed, i), so each depends on nothing else."""
-    return torch.tensor([_hash64(_NOISE_TAG, seed, int(i)) for i in indices], dtype=torch.int64)
-
-
-def class_labels(spec: str, n: int, num_labels: int, seed: int,
+# ----------------------------------------------------------------------------- labels
+def class_labels(spec: str, n: int, classes: Sequence[int], seed: int,
                  num_embeds: Optional[int] = None) -> np.ndarray:
     """Labels of samples 0..n−1 (int64 ``[n]``) for ``--class-labels spec``.
 
-    ``cycle``: i mod ``num_labels``; ``random``: a hash of (seed, i) mod ``num_labels``; a comma
-    list ``a,b,c``: sample i gets entry i mod (list length); entries may be any class index
-    below ``num_embeds`` (the null class included: unconditional samples).
+    ``classes``: the labels ``cycle`` and ``random`` draw from (the model's classes but the
+    null class). ``cycle``: sample i gets classes[i mod K]; ``random``: classes[h mod K] with
+    h a hash of (seed, i); a comma list ``a,b,c``: sample i gets entry i mod (list length),
+    where entries may be any class index below ``num_embeds`` (the null class included:
+    unconditional samples).
     """
     i = np.arange(n, dtype=np.int64)
+    pool = np.asarray(classes, dtype=np.int64)
     if spec == "cycle":
-        return i % num_labels
+        return pool[i % len(pool)]
     if spec == "random":
-        return np.array([_hash64(_LABEL_TAG, seed, k) % num_labels for k in range(n)],
-                        dtype=np.int64)
-    top = num_labels if num_embeds is None else num_embeds
+        return pool[np.array([label_hash(seed, k) % len(pool) for k in range(n)], np.int64)]
+    top = int(pool.max()) + 1 if num_embeds is None else num_embeds
     try:
         values = [int(v) for v in spec.split(",")]
     except ValueError:
@@ -109,12 +88,6 @@ def class_labels(spec: str, n: int, num_labels: int, seed: int,
     if bad:
         raise UsageError(f"--class-labels: {bad} outside the model's classes 0..{top - 1}")
     return np.asarray(values, dtype=np.int64)[i % len(values)]
-
-
-def to_uint8_images(x: torch.Tensor) -> np.ndarray:
-    """Samples in [−1, 1], ``[B, C, H, W]`` → uint8 ``[B, H, W, C]`` (round to nearest)."""
-    y = ((x.float() + 1.0) * 127.5).round().clamp(0, 255).to(torch.uint8)
-    return y.permute(0, 2, 3, 1).contiguous().cpu().numpy()
 
 
 # ----------------------------------------------------------------------------- arguments
@@ -155,7 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "CPU, 64 on CUDA)")
     p.add_argument("--out", default="samples.npz", help="output .npz (default: %(default)s)")
     p.add_argument("--grid", default="grid.png",
-                   help=f"image grid of the first {_GRID_MAX} samples ('' for none; "
+                   help=f"image grid of the first {GRID_MAX} samples ('' for none; "
                         "default: %(default)s)")
     p.add_argument("--shard-dir", default=None,
                    help="where finished shards wait for the final file (default: "
@@ -163,34 +136,6 @@ def build_parser() -> argparse.ArgumentParser:
                         "own directory, e.g. on node-local disks")
     p.add_argument("--no-progress", action="store_true", help="no progress bar")
     return p
-
-
-@dataclass
-class Run:
-    """A validated run: everything :func:`run` needs, fixed before any work starts."""
-
-    model_dir: Path
-    num_samples: int
-    batch_size: int
-    sampler: str
-    steps: int
-    eta: float
-    seed: int
-    labels_spec: Optional[str]
-    guidance_scale: float
-    null_class: Optional[int]
-    device: torch.device
-    dtype: torch.dtype
-    cuda_graph: bool
-    model_batch: int
-    out: Path
-    grid: Optional[Path]
-    shard_dir: Path
-    progress: bool
-    rank: int = 0
-    world: int = 1
-    labels: Optional[np.ndarray] = field(default=None, repr=False)
-    num_labels: int = 0
 
 
 def _dist_env() -> Tuple[int, int, int]:
@@ -293,18 +238,18 @@ def parse_run(argv: Optional[Sequence[str]] = None):
         unet, info = load_unet(model_dir, device=device, dtype=_DTYPES[args.dtype])
     except ModelError as e:
         raise UsageError(f"--model: {e}") from None
-    coeffs = _coefficients(info.scheduler_config, args.sampler, args.steps, args.eta, device,
-                           learned=info.out_channels == 2 * info.channels)
+    coeffs = scheduler_coefficients(info.scheduler_config, args.sampler, args.steps, args.eta,
+                                    device, learned=info.out_channels == 2 * info.channels)
 
     null_class: Optional[int] = None
     labels_spec = args.class_labels
+    labels = None
+    classes: Tuple[int, ...] = ()
     if info.conditional:
         n_embeds = info.num_class_embeds
         if args.null_class == "last":
             null_class = n_embeds - 1
-        elif args.null_class == "none":
-            null_class = None
-        else:
+        elif args.null_class != "none":
             try:
                 null_class = int(args.null_class)
             except ValueError:
@@ -313,40 +258,36 @@ def parse_run(argv: Optional[Sequence[str]] = None):
             if not 0 <= null_class < n_embeds:
                 raise UsageError(f"--null-class {null_class} is outside the model's classes "
                                  f"0..{n_embeds - 1}")
-        if null_class is not None and null_class != n_embeds - 1:
-            raise UsageError("--null-class: only the last class embedding ('last') or 'none' "
-                             "is supported")
-        num_labels = n_embeds - 1 if null_class is not None else n_embeds
-        if num_labels < 1:
+        classes = tuple(c for c in range(n_embeds) if c != null_class)
+        if not classes:
             raise UsageError(f"--model has {n_embeds} class embedding(s), none besides the "
                              "null class")
-        labels_spec = labels_spec or "cycle"
-        labels = class_labels(labels_spec, args.num_samples, num_labels, args.seed, n_embeds)
         if args.guidance_scale != 1.0 and null_class is None:
             raise UsageError("--guidance-scale needs a null class (--null-class)")
-    else:
-        if labels_spec is not None:
-            raise UsageError(f"--class-labels: the model in {info.unet_dir} is unconditional "
-                             "(no class embedding)")
-        if args.guidance_scale != 1.0:
-            raise UsageError(f"--guidance-scale: the model in {info.unet_dir} is "
-                             "unconditional; guidance needs class labels")
-        labels = None
-        num_labels = 0
+        labels_spec = labels_spec or "cycle"
+        labels = class_labels(labels_spec, args.num_samples, classes, args.seed, n_embeds)
+    elif labels_spec is not None:
+        raise UsageError(f"--class-labels: the model in {info.unet_dir} is unconditional "
+                         "(no class embedding)")
+    elif args.guidance_scale != 1.0:
+        raise UsageError(f"--guidance-scale: the model in {info.unet_dir} is unconditional; "
+                         "guidance needs class labels")
     run = Run(model_dir=model_dir.resolve(), num_samples=args.num_samples,
               batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
               eta=args.eta, seed=args.seed, labels_spec=labels_spec,
               guidance_scale=args.guidance_scale, null_class=null_class, device=device,
               dtype=_DTYPES[args.dtype], cuda_graph=args.cuda_graph, model_batch=model_batch,
-              out=out, grid=grid, shard_dir=shard_dir, progress=not args.no_progress, rank=rank, world=world,
-              labels=labels, num_labels=num_labels)
+              out=out, grid=grid, shard_dir=shard_dir, progress=not args.no_progress,
+              rank=rank, world=world, labels=labels, num_labels=len(classes))
     return run, unet, info, coeffs
 
 
-def _coefficients(sc: Optional[dict], sampler: str, steps: int, eta: float,
-                  device: torch.device, learned: bool):
-    """Step coefficients from a diffusers scheduler config (diffusers' defaults for missing
-    keys, DDPMScheduler's when there is no config at all)."""
+def scheduler_coefficients(sc: Optional[dict], sampler: str, steps: int, eta: float,
+                           device: torch.device, learned: bool = False):
+    """The ``sampler`` step's coefficients from a diffusers scheduler config ``sc`` (diffusers'
+    defaults for missing keys, ``DDPMScheduler``'s when there is no config at all).
+    ``learned``: the UNet outputs 2C channels, a learned variance (DDPM needs a learned
+    ``variance_type`` then, and a fixed one otherwise)."""
     from .coefficients import step_coefficients
     from .schedule import NoiseSchedule
 
@@ -365,6 +306,10 @@ def _coefficients(sc: Optional[dict], sampler: str, steps: int, eta: float,
         variance = get("variance_type", "fixed_small")
         if sampler != "ddpm":
             variance = "fixed_small"
+        elif learned != variance.startswith("learned"):
+            raise UsageError(f"--model: the UNet's output has {'2C' if learned else 'C'} "
+                             f"channels but its scheduler config says variance_type="
+                             f"{variance!r}")
         return step_coefficients(
             schedule, method=sampler, prediction_type=get("prediction_type", "epsilon"),
             variance_type=variance,
@@ -375,252 +320,13 @@ def _coefficients(sc: Optional[dict], sampler: str, steps: int, eta: float,
             thresholding=bool(get("thresholding", False)),
             dynamic_thresholding_ratio=float(get("dynamic_thresholding_ratio", 0.995)),
             sample_max_value=float(get("sample_max_value", 1.0)),
-            eta=eta if sampler == "ddim" else 0.0,
-            set_alpha_to_one=bool(get("set_alpha_to_one", True)))
+            **({"eta": eta, "set_alpha_to_one": bool(get("set_alpha_to_one", True))}
+               if sampler == "ddim" else {}))
     except UsageError:
         raise
     except (TypeError, ValueError) as e:
         raise UsageError(f"--model: its scheduler config does not give a {sampler} step: {e}") \
             from None
-
-
-# ----------------------------------------------------------------------------- shards
-def _file_digest(paths: Sequence[Path]) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(p.name.encode() + b"\0")
-        with open(p, "rb") as f:
-            for block in iter(lambda: f.read(1 << 20), b""):
-                h.update(block)
-    return h.hexdigest()
-
-
-def run_key(run: Run, info) -> str:
-    """A hash of everything a sample depends on (not of N, the batch size or the world)."""
-    from . import __version__
-    files = sorted(p for p in info.unet_dir.iterdir() if p.is_file())
-    if info.scheduler_config_path is not None:
-        files.append(info.scheduler_config_path)
-    device = run.device.type
-    if run.device.type == "cuda":
-        device += ":" + torch.cuda.get_device_name(run.device)
-    content = dict(format=_FORMAT, model=_file_digest(files), sampler=run.sampler,
-                   steps=run.steps, eta=run.eta, seed=run.seed, labels=run.labels_spec,
-                   guidance=run.guidance_scale, null_class=run.null_class,
-                   model_batch=run.model_batch, dtype=str(run.dtype), device=device,
-                   fused_ddpm=__version__, torch=torch.__version__)
-    return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def shard_ranges(n: int, batch: int) -> List[Tuple[int, int]]:
-    return [(a, min(a + batch, n)) for a in range(0, n, batch)]
-
-
-def _shard_path(work: Path, a: int, b: int) -> Path:
-    return work / f"{a:09d}-{b:09d}.npz"
-
-
-def _load_shard(path: Path, n: int, hwc: Tuple[int, int, int]) -> np.ndarray:
-    """The images of a finished shard file (written atomically, so complete)."""
-    try:
-        with np.load(path) as f:
-            x = f["arr_0"]
-    except (OSError, ValueError, KeyError) as e:
-        raise RuntimeError(f"shard file {path} is unreadable ({e}); delete it and rerun") \
-            from None
-    if x.dtype != np.uint8 or x.shape != (n,) + hwc:
-        raise RuntimeError(f"shard file {path} holds {x.dtype} {list(x.shape)}, expected "
-                           f"uint8 {[n, *hwc]}; delete it and rerun")
-    return x
-
-
-# ----------------------------------------------------------------------------- the job
-class _Comm:
-    """torch.distributed for the few exchanges the job needs (no-ops for one process)."""
-
-    def __init__(self, run: Run):
-        self.rank, self.world = run.rank, run.world
-        self.device = torch.device("cpu")
-        if self.world > 1:
-            import torch.distributed as dist
-            self.dist = dist
-            if not dist.is_initialized():
-                backend = "nccl" if run.device.type == "cuda" else "gloo"
-                kw = {"device_id": run.device} if run.device.type == "cuda" else {}
-                dist.init_process_group(backend=backend, timeout=_DIST_TIMEOUT, **kw)
-            if dist.get_backend() == "nccl":
-                self.device = run.device
-
-    def all_gather_u8(self, row: np.ndarray) -> np.ndarray:
-        """[world, len(row)] from each rank's uint8 ``row``."""
-        if self.world == 1:
-            return row[None]
-        t = torch.from_numpy(row).to(self.device)
-        out = [torch.empty_like(t) for _ in range(self.world)]
-        self.dist.all_gather(out, t)
-        return torch.stack(out).cpu().numpy()
-
-    def broadcast_str(self, s: str) -> str:
-        if self.world == 1:
-            return s
-        box = [s]
-        self.dist.broadcast_object_list(box, src=0, device=self.device)
-        return box[0]
-
-    def send(self, x: np.ndarray, dst: int) -> None:
-        self.dist.send(torch.from_numpy(x).to(self.device), dst=dst)
-
-    def recv(self, shape, src: int) -> np.ndarray:
-        t = torch.empty(shape, dtype=torch.uint8, device=self.device)
-        self.dist.recv(t, src=src)
-        return t.cpu().numpy()
-
-    def barrier(self) -> None:
-        if self.world > 1:
-            self.dist.barrier()
-
-    def close(self) -> None:
-        if self.world > 1 and self.dist.is_initialized():
-            self.dist.destroy_process_group()
-
-
-def _progress(run: Run, total: int):
-    from tqdm.auto import tqdm
-    return tqdm(total=total, unit="img", desc=f"sampling ({run.sampler}, {run.steps} steps)",
-                disable=(not run.progress or run.rank != 0) or None, dynamic_ncols=True)
-
-
-def _draw(run: Run, model, coeffs, a: int, b: int, hwc) -> np.ndarray:
-    from .sampler import sample
-    H, W, C = hwc
-    seeds = sample_seeds(run.seed, range(a, b)).to(run.device)
-    if run.labels is not None:
-        model.set_labels(torch.from_numpy(run.labels[a:b]).to(run.device))
-    x = sample(model, (b - a, C, H, W), coeffs, seeds=seeds, cuda_graph=run.cuda_graph,
-               progress=False, device=run.device, dtype=run.dtype)
-    return to_uint8_images(x)
-
-
-def _grid_png(path: Path, images: np.ndarray, ncols: int) -> None:
-    from PIL import Image
-
-    from .npz import atomic_file
-    n, H, W, C = images.shape
-    ncols = max(1, min(ncols, n))
-    nrows = -(-n // ncols)
-    scale = max(1, 64 // max(1, min(H, W)))
-    gap = 2
-    canvas = np.full((nrows * (H * scale + gap) + gap, ncols * (W * scale + gap) + gap, C), 96,
-                     dtype=np.uint8)
-    for k in range(n):
-        r, c = divmod(k, ncols)
-        tile = images[k].repeat(scale, axis=0).repeat(scale, axis=1)
-        y0, x0 = gap + r * (H * scale + gap), gap + c * (W * scale + gap)
-        canvas[y0:y0 + H * scale, x0:x0 + W * scale] = tile
-    if C == 1:
-        img = Image.fromarray(canvas[..., 0], mode="L")
-    elif C in (3, 4):
-        img = Image.fromarray(canvas, mode="RGB" if C == 3 else "RGBA")
-    else:
-        img = Image.fromarray(canvas[..., 0], mode="L")
-    with atomic_file(path) as f:
-        img.save(f, format="PNG")
-
-
-def _grid_columns(run: Run, n: int) -> int:
-    """One column per label when the labels repeat with a short period, else a square."""
-    if run.labels_spec == "cycle":
-        period = run.num_labels
-    elif run.labels_spec is not None and run.labels_spec != "random":
-        period = len(run.labels_spec.split(","))
-    else:
-        period = 0
-    return period if 2 <= period <= 20 else math.ceil(math.sqrt(n))
-
-
-def _assemble(run: Run, comm: _Comm, work: Path, shards, holders: np.ndarray, hwc) -> tuple:
-    """Rank 0: stream every shard, in order, into ``run.out``; the others: send rank 0 the
-    shards only they hold. Returns (the first grid images, shards received)."""
-    from .npz import atomic_npz
-    first, received = [], 0
-    grid_n = min(run.num_samples, _GRID_MAX)
-    if run.rank != 0:
-        for j, (a, b) in enumerate(shards):
-            if not holders[0, j] and int(np.argmax(holders[:, j])) == run.rank:
-                comm.send(_load_shard(_shard_path(work, a, b), b - a, hwc), dst=0)
-        return first, received
-    with atomic_npz(run.out) as w:
-        with w.stream("arr_0", (run.num_samples,) + hwc, np.uint8) as put:
-            for j, (a, b) in enumerate(shards):
-                if holders[0, j]:
-                    x = _load_shard(_shard_path(work, a, b), b - a, hwc)
-                else:
-                    x = comm.recv((b - a,) + hwc, src=int(np.argmax(holders[:, j])))
-                    received += 1
-                put(x)
-                if a < grid_n:
-                    first.append(x[: grid_n - a])
-        if run.labels is not None:
-            w.array("arr_1", run.labels)
-    return first, received
-
-
-def run_job(run: Run, unet, info, coeffs) -> dict:
-    """Draw this rank's share of the unfinished shards, then write ``run.out`` and
-    ``run.grid`` (rank 0) and delete the shards. Returns counts and timings."""
-    from .models.unet import GuidedUNet
-    from .npz import save_npz
-
-    threads = torch.get_num_threads()
-    if run.device.type == "cpu":
-        torch.set_num_threads(1)
-    else:
-        torch.backends.cudnn.deterministic = True
-        torch.backends.cudnn.benchmark = False
-    comm = _Comm(run)
-    try:
-        key = comm.broadcast_str(run_key(run, info) if run.rank == 0 else "")
-        work = run.shard_dir / key
-        work.mkdir(parents=True, exist_ok=True)
-        hwc = (*info.image_size, info.channels)
-        shards = shard_ranges(run.num_samples, run.batch_size)
-
-        def held() -> np.ndarray:   # [world, shards]: which rank can read which shard file
-            mine = np.array([_shard_path(work, a, b).is_file() for a, b in shards], np.uint8)
-            return comm.all_gather_u8(mine)
-
-        todo = [j for j, done in enumerate(held().max(axis=0)) if not done]
-        model = GuidedUNet(unet, run.model_batch, run.guidance_scale, run.null_class,
-                           keep_channels=info.out_channels if coeffs.config.learned_variance
-                           else info.channels)
-        comm.barrier()
-        t0 = time.perf_counter()
-        mine = todo[run.rank::run.world]
-        bar = _progress(run, sum(shards[j][1] - shards[j][0] for j in mine))
-        for j in mine:
-            a, b = shards[j]
-            x = _draw(run, model, coeffs, a, b, hwc)
-            save_npz(_shard_path(work, a, b), x,
-                     *([run.labels[a:b]] if run.labels is not None else []))
-            bar.update(b - a)
-        bar.close()
-        first, received = _assemble(run, comm, work, shards, held(), hwc)
-        elapsed = time.perf_counter() - t0
-        if run.rank == 0 and run.grid is not None:
-            images = np.concatenate(first)
-            _grid_png(run.grid, images, _grid_columns(run, len(images)))
-        comm.barrier()
-        shutil.rmtree(work, ignore_errors=True)     # shards, and temporary files of killed runs
-        with contextlib.suppress(OSError):
-            run.shard_dir.rmdir()                    # only if no other run's shards are there
-        comm.barrier()
-        new = sum(shards[j][1] - shards[j][0] for j in todo)
-        return dict(new=new, resumed=run.num_samples - new, seconds=elapsed,
-                    images_per_s=new / elapsed if elapsed > 0 else float("nan"),
-                    received=received, hwc=hwc, key=key)
-    finally:
-        comm.close()
-        torch.set_num_threads(threads)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
@@ -633,7 +339,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         print(f"{prefix}error: {e}", file=sys.stderr)
         return 2
     if run.rank == 0:
-        where = "the embedded digits model" if run.model_dir == _default_model() else str(run.model_dir)
+        where = ("the embedded digits model" if run.model_dir == _default_model()
+                 else str(run.model_dir))
         g = f", guidance {run.guidance_scale:g}" if run.guidance_scale != 1.0 else ""
         print(f"fused_ddpm.sample: {run.num_samples} samples from {where} "
               f"({run.sampler}, {run.steps} steps{g}) on {run.world} x {run.device}",

@@ -25,7 +25,8 @@ import fused_ddpm as fd
 from fused_ddpm.models import DEFAULT_MODEL
 from fused_ddpm.models.unet import GuidedUNet, load_unet
 from fused_ddpm.philox import philox_normal
-from fused_ddpm.sample_cli import _coefficients, sample_seeds
+from fused_ddpm.sample_cli import scheduler_coefficients
+from fused_ddpm.sample_job import sample_seeds
 
 
 def _device_name(device: torch.device) -> str:
@@ -67,7 +68,7 @@ def main(argv=None) -> int:
 
     rows = []
     for sampler in ("ddim", "ddpm"):
-        coeffs = _coefficients(info.scheduler_config, sampler, args.steps, 0.0, device, False)
+        coeffs = scheduler_coefficients(info.scheduler_config, sampler, args.steps, 0.0, device)
         model = GuidedUNet(unet, args.model_batch, args.guidance_scale,
                            null_class=info.num_class_embeds - 1 if info.conditional else None)
         stock = (DDIMScheduler if sampler == "ddim" else DDPMScheduler).from_config(

@@ -17,8 +17,8 @@ import fused_ddpm as fd
 from fused_ddpm import npz
 from fused_ddpm.models import DEFAULT_MODEL
 from fused_ddpm.models.unet import GuidedUNet, find_unet, load_unet
-from fused_ddpm.sample_cli import (UsageError, class_labels, main, sample_seeds, samplers,
-                                   to_uint8_images)
+from fused_ddpm.sample_cli import UsageError, class_labels, main, samplers
+from fused_ddpm.sample_job import sample_seeds, to_uint8_images
 
 # Quality bounds for the shipped digits model (DDPM, 20 steps, 100 samples, 10 per class),
 # judged by an SVM trained on the 360 held-out digits, which itself labels the real training
@@ -92,17 +92,20 @@ def test_seeds_and_labels_depend_only_on_seed_and_index():
     assert full.dtype == torch.int64 and full.unique().numel() == 20
     assert torch.equal(sample_seeds(7, range(5, 12)), full[5:12])
     assert not torch.equal(sample_seeds(8, range(20)), full)
-    r = class_labels("random", 300, 10, seed=3)
-    assert np.array_equal(class_labels("random", 40, 10, seed=3), r[:40])
-    assert set(r.tolist()) == set(range(10))
-    assert not np.array_equal(class_labels("random", 300, 10, seed=4), r)
-    assert class_labels("cycle", 12, 10, 0).tolist() == [*range(10), 0, 1]
-    assert class_labels("3,1", 5, 10, 0).tolist() == [3, 1, 3, 1, 3]
-    assert class_labels("10", 2, 10, 0, num_embeds=11).tolist() == [10, 10]   # null class
+    digits = range(10)
+    r = class_labels("random", 300, digits, seed=3)
+    assert np.array_equal(class_labels("random", 40, digits, seed=3), r[:40])
+    assert set(r.tolist()) == set(digits)
+    assert not np.array_equal(class_labels("random", 300, digits, seed=4), r)
+    assert class_labels("cycle", 12, digits, 0).tolist() == [*digits, 0, 1]
+    assert class_labels("cycle", 5, [0, 2, 3], 0).tolist() == [0, 2, 3, 0, 2]  # null class 1
+    assert set(class_labels("random", 100, [0, 2, 3], 0).tolist()) == {0, 2, 3}
+    assert class_labels("3,1", 5, digits, 0).tolist() == [3, 1, 3, 1, 3]
+    assert class_labels("10", 2, digits, 0, num_embeds=11).tolist() == [10, 10]  # null class
     with pytest.raises(UsageError, match="--class-labels"):
-        class_labels("1,x", 5, 10, 0)
+        class_labels("1,x", 5, digits, 0)
     with pytest.raises(UsageError, match="outside"):
-        class_labels("11", 5, 10, 0, num_embeds=11)
+        class_labels("11", 5, digits, 0, num_embeds=11)
 
 
 def test_uint8_images():
@@ -113,8 +116,14 @@ def test_uint8_images():
 
 
 def test_samplers_are_the_project_methods():
-    from fused_ddpm.coefficients import METHODS
-    assert samplers() == tuple(METHODS) and "ddpm" in samplers() and "ddim" in samplers()
+    """--sampler offers exactly the step methods step_coefficients builds."""
+    assert {"ddpm", "ddim"} <= set(samplers())
+    sched = fd.NoiseSchedule(num_train_timesteps=10)
+    for name in samplers():
+        assert fd.step_coefficients(sched, method=name, num_inference_steps=2).config.method \
+            == name
+    with pytest.raises(ValueError):
+        fd.step_coefficients(sched, method="not-a-sampler")
 
 
 # ----------------------------------------------------------------------------- the model
@@ -183,10 +192,14 @@ def test_cli_end_to_end(tmp_path, capsys):
     im = Image.open(grid)
     assert im.mode == "L" and min(im.size) >= 64
     assert _files(tmp_path) == ["g.png", "s.npz"]   # no shards or temporary files left
-    # the same run again: the same bytes
+    # the same run again, in one batch, from the pipeline's unet/ folder: the same bytes
     rc = main(["--num-samples", "5", "--batch-size", "5", "--steps", "4", "--seed", "11",
-               "--guidance-scale", "2", "--out", str(tmp_path / "t.npz"), "--grid", ""])
+               "--guidance-scale", "2", "--out", str(tmp_path / "t.npz"), "--grid", "",
+               "--model", str(DEFAULT_MODEL / "unet")])
     assert rc == 0 and (tmp_path / "t.npz").read_bytes() == out.read_bytes()
+    rc = main(["--num-samples", "5", "--steps", "4", "--seed", "12", "--guidance-scale", "2",
+               "--out", str(tmp_path / "u.npz"), "--grid", ""])
+    assert rc == 0 and (tmp_path / "u.npz").read_bytes() != out.read_bytes()
 
 
 def _bad(tmp_path, capsys, args, match):
@@ -222,7 +235,8 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
         (["--cuda-graph", "--device", "cpu"], "--cuda-graph needs a CUDA device"),
         (["--device", "tpu"], "--device"),
         (["--dtype", "float8"], "--dtype"),
-        (["--null-class", "3"], "--null-class"),
+        (["--null-class", "11"], "--null-class 11 is outside"),
+        (["--null-class", "none", "--guidance-scale", "2"], "needs a null class"),
     ]
     for args, match in cases:
         _bad(tmp_path, capsys, args, match)
@@ -313,14 +327,14 @@ def test_fused_loop_matches_stock_diffusers(digits_unet, sampler, monkeypatch, o
     from diffusers.schedulers import scheduling_ddpm
 
     from fused_ddpm.philox import philox_normal
-    from fused_ddpm.sample_cli import _coefficients
+    from fused_ddpm.sample_cli import scheduler_coefficients
     unet, info = digits_unet
     N, steps, T = 10, 20, info.scheduler_config["num_train_timesteps"]
     shape = (N, 1, 16, 16)
     seeds = sample_seeds(0, range(N))
     labels = torch.arange(N) % 10
-    coeffs = _coefficients(info.scheduler_config, sampler, steps, 0.0, torch.device("cpu"),
-                           learned=False)
+    coeffs = scheduler_coefficients(info.scheduler_config, sampler, steps, 0.0,
+                                    torch.device("cpu"))
     model = GuidedUNet(unet, micro_batch=N)
     model.set_labels(labels)
     fused = fd.sample(model, shape, coeffs, seeds=seeds, progress=False)
@@ -339,9 +353,9 @@ def test_fused_loop_matches_stock_diffusers(digits_unet, sampler, monkeypatch, o
             m = unet(x, t, class_labels=labels).sample
             current["t"] = int(t)
             x = stock.step(m, t, x).prev_sample
-    assert (fused - x).abs().max() < 2e-3
+    assert (fused - x).abs().max() < 1e-4          # measured: 3e-6 (DDIM), 6e-6 (DDPM)
     diff = np.abs(to_uint8_images(fused).astype(int) - to_uint8_images(x).astype(int))
-    assert diff.max() <= 1 and (diff > 0).mean() < 0.01
+    assert diff.max() <= 1 and (diff > 0).mean() < 0.005
 
 
 # ----------------------------------------------------------------------------- quality
