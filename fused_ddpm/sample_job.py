@@ -143,13 +143,18 @@ class _Comm:
     def __init__(self, run: Run):
         self.rank, self.world = run.rank, run.world
         self.device = torch.device("cpu")
+        self.owned = False               # True: this job made the process group, and ends it
         if self.world > 1:
             import torch.distributed as dist
             self.dist = dist
             if not dist.is_initialized():
-                backend = "nccl" if run.device.type == "cuda" else "gloo"
-                kw = {"device_id": run.device} if run.device.type == "cuda" else {}
-                dist.init_process_group(backend=backend, timeout=_DIST_TIMEOUT, **kw)
+                self.owned = True
+                if run.device.type == "cuda":
+                    torch.cuda.set_device(run.device)
+                    dist.init_process_group(backend="nccl", timeout=_DIST_TIMEOUT,
+                                            device_id=run.device)
+                else:
+                    dist.init_process_group(backend="gloo", timeout=_DIST_TIMEOUT)
             if dist.get_backend() == "nccl":
                 self.device = run.device
 
@@ -182,7 +187,7 @@ class _Comm:
             self.dist.barrier()
 
     def close(self) -> None:
-        if self.world > 1 and self.dist.is_initialized():
+        if self.owned and self.dist.is_initialized():
             self.dist.destroy_process_group()
 
 
@@ -219,12 +224,8 @@ def _grid_png(path: Path, images: np.ndarray, ncols: int) -> None:
         tile = images[k].repeat(scale, axis=0).repeat(scale, axis=1)
         y0, x0 = gap + r * (H * scale + gap), gap + c * (W * scale + gap)
         canvas[y0:y0 + H * scale, x0:x0 + W * scale] = tile
-    if C == 1:
-        img = Image.fromarray(canvas[..., 0], mode="L")
-    elif C in (3, 4):
-        img = Image.fromarray(canvas, mode="RGB" if C == 3 else "RGBA")
-    else:
-        img = Image.fromarray(canvas[..., 0], mode="L")
+    # RGB / RGBA as they are; any other channel count: the first channel, in grey
+    img = Image.fromarray(canvas if C in (3, 4) else canvas[..., 0])
     with atomic_file(path) as f:
         img.save(f, format="PNG")
 
