@@ -1,4 +1,5 @@
-"""Command line of the harness: ``python -m bench --help``."""
+"""Command line of the harness: ``python -m bench --help`` from the repository root, or
+``python -m fused_ddpm.bench --help`` anywhere once fused-ddpm is installed."""
 from __future__ import annotations
 
 import argparse
@@ -27,18 +28,27 @@ modes (plus 'baseline', where copy and randn are recorded once per shape and dty
 shapes: {shapes}  (or explicit, e.g. 2x4x32x32)
 dtypes: fp32, fp16, bf16
 
+output:
+  the table goes to stdout. Files only when asked: --out DIR writes the JSON document and
+  a PNG plot as DIR/<preset>-<device>.json and .png; --record writes them into the
+  repository's bench/results/ and regenerates bench/RESULTS.md (source checkouts only).
+
 examples:
-  python -m bench --preset cpu --threads 1 --record          # CPU run -> bench/results/, RESULTS.md
-  python -m bench --preset gpu --record          # GPU run (DESIGN.md section 5, ~3 min H200)
-  python -m bench --results-md bench/results/*.json   # regenerate bench/RESULTS.md
-  python -m bench --quick --out /tmp/b           # tiny smoke run
-  python -m bench --providers cuda,triton,copy --modes fwd-seeds --shapes img512-b64 \\
+  {prog} --preset cpu --threads 1 --record   # CPU run -> bench/results/, RESULTS.md
+  {prog} --preset gpu --record          # GPU run (docs/design.md targets, ~3 min H200)
+  {prog} --results-md bench/results/*.json   # regenerate bench/RESULTS.md
+  {prog} --replot bench/results/*.json  # redraw the PNG beside each JSON file
+  {prog} --quick --out /tmp/b           # tiny smoke run, files in /tmp/b
+  {prog} --providers cuda,triton,copy --modes fwd-seeds --shapes img512-b64 \\
       --dtypes fp32,fp16 --repeats 50
 """
 
 
+PROG = f"python -m {__package__ or 'bench'}"
+
+
 def _epilog() -> str:
-    return EPILOG.format(
+    return EPILOG.format(prog=PROG,
         quick=C.PRESETS["quick"].description, cpu=C.PRESETS["cpu"].description,
         gpu=C.PRESETS["gpu"].description,
         providers="\n".join(f"  {k:<10}{v}" for k, v in C.PROVIDERS.items()),
@@ -48,10 +58,11 @@ def _epilog() -> str:
 
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench",
+        prog=PROG,
         description="Benchmark the fused DDPM step against its peers (diffusers, eager and "
                     "compiled PyTorch) and against the memory floor (a copy measured in the "
-                    "same run). Writes a table to stdout, JSON + PNG to --out.",
+                    "same run). Prints a table; with --out DIR also writes the JSON document "
+                    "and a PNG plot there.",
         epilog=_epilog(), formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--preset", choices=list(C.PRESETS), help="a predefined configuration")
     p.add_argument("--quick", action="store_true", help="same as --preset quick")
@@ -78,6 +89,8 @@ def parser() -> argparse.ArgumentParser:
     p.add_argument("--results-md", nargs="*", metavar="JSON",
                    help="regenerate bench/RESULTS.md from these JSON files (default: "
                         "bench/results/*.json) and exit")
+    p.add_argument("--replot", nargs="+", metavar="JSON",
+                   help="redraw the PNG plot beside each of these result files and exit")
     p.add_argument("--results-md-path", default=report.RESULTS_MD,
                    help="where --results-md/--record write (default: bench/RESULTS.md)")
     p.add_argument("--no-progress", action="store_true", help="no tqdm progress bar")
@@ -123,6 +136,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parser().parse_args(argv)
 
+    if args.replot:
+        for path in args.replot:
+            png = os.path.splitext(path)[0] + ".png"
+            note = report.plot(report.load([path])[0], png)
+            print(note or f"wrote {png}")
+        return 0
+    if args.record and not os.path.isdir(report.RESULTS_DIR):
+        print(f"error: --record writes into the repository's bench/results/, and this harness "
+              f"({report.HERE}) is not a source checkout; use --out DIR", file=sys.stderr)
+        return 2
+
     if args.results_md is not None:
         paths = args.results_md or sorted(glob.glob(os.path.join(report.RESULTS_DIR,
                                                                  "*.json")))
@@ -151,14 +175,18 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(report.header(doc))
     print()
     print(report.table(doc))
-    if out:
+    if not out:
+        print("not saved: add --out DIR to write the JSON document and a PNG plot "
+              f"(DIR/{report.stem(doc)}.json, .png)", file=sys.stderr)
+    else:
         path = os.path.join(out, report.stem(doc) + ".json")
         report.write_json(doc, path)
-        print(f"wrote {path}", file=sys.stderr)
+        print(f"wrote {path} (the JSON document)", file=sys.stderr)
         if not args.no_plot:
             png = os.path.join(out, report.stem(doc) + ".png")
             note = report.plot(doc, png)
-            print(note or f"wrote {png}", file=sys.stderr)
+            print(note or f"wrote {png} (time vs bytes moved, one panel per dtype and mode)",
+                  file=sys.stderr)
         if args.record:
             paths = sorted(glob.glob(os.path.join(out, "*.json")))
             report.results_md(paths, args.results_md_path)

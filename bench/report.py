@@ -4,17 +4,17 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Dict, Iterable, List, Optional
+from typing import Callable, Dict, Iterable, List, Optional, Tuple
 
-from .config import DTYPES, MODES, PROVIDERS
+from .config import DTYPES, FUSED, MODES, PROVIDERS
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 RESULTS_MD = os.path.join(HERE, "RESULTS.md")
 RESULTS_DIR = os.path.join(HERE, "results")
-
-
-def _f(v, fmt: str, none: str = "-") -> str:
-    return none if v is None else format(v, fmt)
+#: providers drawn bold in tables and thick in plots: the fused step itself
+FUSED_OR_SAMPLE = FUSED + ("sample",)
+#: one colour per provider, the same in every panel and every run (matplotlib's tab10)
+COLORS = {p: f"C{i % 10}" for i, p in enumerate(PROVIDERS)}
 
 
 def _us(v) -> str:
@@ -36,9 +36,36 @@ def _sort_key(r):
             list(PROVIDERS).index(r["provider"]))
 
 
+def _pct(v) -> Optional[str]:
+    return None if v is None else f"{100 * v:.0f}%"
+
+
+def _columns(loop: bool) -> List[Tuple[str, Callable[[dict], Optional[str]]]]:
+    """(header, cell) per column of a mode's table; a cell is None where there is nothing to
+    show (rendered "-"; a column that is None in every row is left out)."""
+    return [
+        ("shape", _shape),
+        ("dtype", lambda r: r["dtype"]),
+        ("provider", lambda r: f"**{r['provider']}**" if r["provider"] in FUSED_OR_SAMPLE
+         else r["provider"]),
+        ("ms per 1000 steps (= µs/step)" if loop else "µs",
+         (lambda r: format(r["median_us"] / 1e3, ",.2f")) if loop
+         else (lambda r: _us(r["median_us"]))),
+        ("GB/s", lambda r: _opt(r.get("gbps"), ",.1f")),
+        ("of floor", lambda r: _pct(r.get("fraction_of_floor"))),
+        ("× diffusers", lambda r: _opt(r.get("speedup_vs_diffusers"), ".2f")),
+        ("× compile", lambda r: _opt(r.get("speedup_vs_compile"), ".2f")),
+    ]
+
+
+def _opt(v, fmt: str) -> Optional[str]:
+    return None if v is None else format(v, fmt)
+
+
 def table(doc: dict, markdown: bool = True) -> str:
     """Measured rows as a Markdown table, one block per mode (baselines first), followed by
-    the list of cases that did not run and why."""
+    the list of cases that did not run and why. Columns with nothing in any row of a block
+    (e.g. "× compile" when torch.compile was not measured) are left out."""
     rows = [r for r in doc["rows"] if r["status"] == "ok"]
     out: List[str] = []
     modes = ["baseline"] + list(MODES)
@@ -46,27 +73,16 @@ def table(doc: dict, markdown: bool = True) -> str:
         mrows = sorted((r for r in rows if r["mode"] == mode), key=_sort_key)
         if not mrows:
             continue
-        loop = mode.startswith("loop")
         title = {"baseline": "baseline: copy (bandwidth ceiling) and torch.randn (noise floor)"
                  }.get(mode, f"{mode}: {MODES.get(mode, '')}")
         out.append(f"### {title}\n")
-        head = ["shape", "dtype", "provider",
-                "ms per 1000 steps (= µs/step)" if loop else "µs", "GB/s", "of floor", "× diffusers",
-                "× compile"]
-        out.append("| " + " | ".join(head) + " |")
-        out.append("|" + "|".join(["---"] * 3 + ["---:"] * (len(head) - 3)) + "|")
-        for r in mrows:
-            t = _f(r["median_us"] / 1e3, ",.2f") if loop else _us(r["median_us"])
-            cells = [_shape(r), r["dtype"], f"**{r['provider']}**"
-                     if r["provider"] in ("cuda", "triton", "cpu", "sample") else r["provider"],
-                     t,
-                     _f(r.get("gbps"), ",.1f"),
-                     _f(None if r.get("fraction_of_floor") is None
-                        else 100 * r["fraction_of_floor"], ".0f") + ("%" if r.get(
-                            "fraction_of_floor") is not None else ""),
-                     _f(r.get("speedup_vs_diffusers"), ".2f"),
-                     _f(r.get("speedup_vs_compile"), ".2f")]
-            out.append("| " + " | ".join(cells) + " |")
+        cols = _columns(mode.startswith("loop"))
+        cells = [[cell(r) for _, cell in cols] for r in mrows]
+        keep = [i for i in range(len(cols)) if i < 4 or any(c[i] is not None for c in cells)]
+        out.append("| " + " | ".join(cols[i][0] for i in keep) + " |")
+        out.append("|" + "|".join("---" if i < 3 else "---:" for i in keep) + "|")
+        for c in cells:
+            out.append("| " + " | ".join("-" if c[i] is None else c[i] for i in keep) + " |")
         out.append("")
     skipped = [r for r in doc["rows"] if r["status"] != "ok"]
     if skipped:
@@ -154,11 +170,12 @@ def plot(doc: dict, path: str) -> Optional[str]:
             pts = sorted((r["bytes"] / 1e6, r["median_us"]) for r in sel
                          if r["provider"] == prov)
             if pts:
-                ax.plot(*zip(*pts), marker="o", ms=3, label=prov,
-                        lw=2 if prov in ("cuda", "triton", "cpu", "sample") else 1)
+                ax.plot(*zip(*pts), marker="o", ms=3, label=prov, color=COLORS[prov],
+                        lw=2 if prov in FUSED_OR_SAMPLE else 1)
         floor = sorted({(r["bytes"] / 1e6, r["floor_us"]) for r in sel if r.get("floor_us")})
         if floor:
-            ax.plot(*zip(*floor), "k--", lw=1.2, label="floor (bytes / copy bandwidth)")
+            ax.plot(*zip(*floor), "k--", marker="_", ms=10, lw=1.2,
+                    label="floor (bytes / copy bandwidth)")
         ax.set_xscale("log")
         ax.set_yscale("log")
         ax.xaxis.set_minor_formatter(NullFormatter())
@@ -168,12 +185,14 @@ def plot(doc: dict, path: str) -> Optional[str]:
                       fontsize=8)
         ax.grid(True, which="both", alpha=0.3)
         ax.tick_params(labelsize=7)
-    handles, labels = [], []
+    # one legend entry per label; the colours are fixed per provider, so any panel's handle
+    # stands for all of them
+    seen: Dict[str, object] = {}
     for ax in axes.flat:
         for h, lab in zip(*ax.get_legend_handles_labels()):
-            if lab not in labels:
-                handles.append(h)
-                labels.append(lab)
+            seen.setdefault(lab, h)
+    labels = sorted(seen, key=lambda k: list(PROVIDERS).index(k) if k in PROVIDERS else 99)
+    handles = [seen[k] for k in labels]
     fig.suptitle(f"fused-ddpm bench - {doc['device']} - {doc['date']}", fontsize=10)
     fig.legend(handles, labels, loc="lower center", ncol=min(len(labels), 9), fontsize=8)
     fig.tight_layout(rect=(0, 0.06, 1, 0.97))

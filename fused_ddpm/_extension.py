@@ -3,7 +3,8 @@
 The shared objects register ``torch.ops.fused_ddpm.*`` ops (schemas in ``csrc/ops.cpp``)
 and are loaded with ``torch.ops.load_library``; they define no Python module. A missing or
 broken build never breaks ``import fused_ddpm``: the reason is kept for
-:func:`fused_ddpm.backends`.
+:func:`fused_ddpm.backends`. A shared object that the latest build (its record,
+``_build_info.json``) says it did not make is left alone: it is stale.
 """
 from __future__ import annotations
 
@@ -17,12 +18,24 @@ import torch
 _status: Dict[str, Optional[str]] = {}   # module name -> None if loaded, else why not
 
 
+#: build-record keys: whether each extension was built, and why (not)
+_RECORD_KEYS = {"_C": ("cpu_extension", "cpu_reason"),
+                "_C_cuda": ("cuda_extension", "cuda_reason")}
+
+
 def _load(name: str) -> Optional[str]:
+    built, reason = _RECORD_KEYS[name]
+    record = build_info()
+    if record.get(built) is False:
+        return record.get(reason) or f"fused_ddpm.{name} was not built"
     try:
         spec = importlib.util.find_spec(f"fused_ddpm.{name}")
     except (ImportError, ValueError) as e:  # pragma: no cover
         return f"cannot look up fused_ddpm.{name}: {e}"
     if spec is None or spec.origin is None:
+        if record.get(built):
+            return (f"fused_ddpm.{name} is missing, though the build record says it was "
+                    "built (reinstall)")
         return f"fused_ddpm.{name} was not built (see build_info())"
     try:
         torch.ops.load_library(spec.origin)
@@ -53,7 +66,9 @@ def has_op(name: str) -> bool:
 
 
 def build_info() -> dict:
-    """What ``setup.py`` recorded about the build (torch, CUDA, archs), if anything."""
+    """What ``setup.py`` recorded about the build, if anything: ``torch``, ``torch_cuda``,
+    ``cpu_extension`` / ``cuda_extension`` (built or not) and ``cpu_reason`` / ``cuda_reason``
+    (one line each: why), ``cuda_home``, ``nvcc`` (its CUDA release), ``arch_list``."""
     path = Path(__file__).with_name("_build_info.json")
     if path.exists():
         return json.loads(path.read_text())
