@@ -29,6 +29,7 @@ from fused_ddpm.sample_job import sample_seeds, to_uint8_images
 # less than 4 times in 5 (9 in 10 with guidance) fails.
 BOUND_PLAIN = 0.80
 BOUND_GUIDED = 0.90
+REPO = Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="module")
@@ -393,3 +394,26 @@ def test_samples_are_the_digits_asked_for(tmp_path, record_property):
     assert real > 0.9                      # the judge itself is good on real digits
     assert acc[1.0] >= BOUND_PLAIN, acc
     assert acc[3.0] >= BOUND_GUIDED, acc
+
+
+def test_training_script_makes_the_shipped_kind_of_model(tmp_path):
+    """scripts/train_digits.py (a few steps here) writes a pipeline directory the sampler
+    loads, with the shipped model's architecture and noise schedule."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location("train_digits",
+                                                  REPO / "scripts" / "train_digits.py")
+    script = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(script)
+    threads = torch.get_num_threads()
+    rc = script.main(["--out", str(tmp_path / "m"), "--steps", "2", "--batch-size", "8",
+                      "--log-every", "1"])
+    assert rc == 0 and torch.get_num_threads() == threads
+    unet, new = load_unet(tmp_path / "m")
+    shipped, old = load_unet(DEFAULT_MODEL)
+    keys = ("sample_size", "in_channels", "out_channels", "block_out_channels",
+            "down_block_types", "up_block_types", "layers_per_block", "num_class_embeds",
+            "norm_num_groups")
+    assert {k: unet.config[k] for k in keys} == {k: shipped.config[k] for k in keys}
+    same = ("num_train_timesteps", "beta_schedule", "prediction_type", "clip_sample")
+    assert {k: new.scheduler_config[k] for k in same} == \
+        {k: old.scheduler_config[k] for k in same}
