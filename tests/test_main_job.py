@@ -23,7 +23,7 @@ from fused_ddpm.sample_job import sample_seeds, to_uint8_images
 # Quality bounds for the shipped digits model (DDPM, 20 steps, 100 samples, 10 per class),
 # judged by an SVM trained on the 360 held-out digits, which itself labels the real training
 # digits ~95 % right. Chance is 10 %; an undertrained model (20 training steps) scores
-# ~12 %. Measured on the shipped model: ~0.98 without guidance and ~1.00 with g = 3. The
+# ~12 %. Measured on the shipped model: 0.98 without guidance and 0.99 with g = 3. The
 # bounds leave room for other CPUs' last bits (different samples) and for sampling error
 # (binomial std ≈ 1.5 points at 0.97 with n = 100): a model that draws the requested digit
 # less than 4 times in 5 (9 in 10 with guidance) fails.

@@ -13,7 +13,7 @@ import pytest
 
 # A few samples, few steps: the point is the bytes, not the pictures. Guidance and random
 # labels put both hashed streams (noise and labels) and the doubled model batch in play.
-COMMON = ["--num-samples", "7", "--steps", "3", "--seed", "5", "--guidance-scale", "2",
+COMMON = ["--num-samples", "7", "--steps", "10", "--seed", "5", "--guidance-scale", "2",
           "--class-labels", "random", "--model-batch", "4", "--grid", "", "--no-progress"]
 TIMEOUT = 600
 
@@ -79,7 +79,7 @@ def test_killed_run_resumes_to_the_same_file(tmp_path, reference):
         while time.monotonic() < deadline and proc.poll() is None:
             if len(list(shards.glob("*/*.npz"))) >= 2:
                 break
-            time.sleep(0.02)
+            time.sleep(0.01)
         assert proc.poll() is None, "the run ended before it could be killed"
         proc.send_signal(signal.SIGKILL)
         proc.wait(timeout=60)
