@@ -3,7 +3,8 @@
 # sm_80 and sm_90 with `-Xptxas -v`. Fails on a compile error, and on any register spill or
 # nonzero stack frame in a kernel. Prints a short per-arch summary (kernel families, register
 # range, spills). Env: NVCC (default $CUDA_HOME/bin/nvcc or nvcc on PATH), ARCHS (default
-# "80 90"), KEEP=1 keeps the logs (path printed).
+# "80 90"), KEEP=1 keeps the logs (path printed), SM90_OBJ=path copies the sm_90 object there
+# (for .ci/sass_budget.py --obj).
 set -euo pipefail
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 if [[ -z "${NVCC:-}" ]]; then
@@ -48,14 +49,17 @@ for line in open(log):
     if m:
         rows[kern]["regs"] = int(m.group(1))
 KINDS = {0: "f32", 1: "f16", 2: "bf16"}
+NOISE = {0: "none", 1: "external", 2: "philox", 3: "philox_cl"}
+MODES = {0: "lean", 1: "general", 2: "normal"}
 def short(name):
-    """fd_step_forward<kind, clip, var, ext_noise> from the mangled name (no cu++filt needed)."""
-    m = re.search(r"(fd_[a-z_0-9]+?)(?:I((?:L[ib]\d+E)+)E)?(?:Ev|EPK)", name)
+    """fd_step_forward<kind, noise, mode, idx> from the mangled name (no c++filt needed)."""
+    m = re.search(r"(fd_[a-z_0-9]+?)(?:I((?:L[ib]\d+E)+)E)?(?:Ev|EPK|EvNS)", name)
     if not m:
         return name
     args = [int(a) for a in re.findall(r"L[ib](\d+)E", m.group(2) or "")]
     if len(args) == 4:
-        return f"{m.group(1)}<{KINDS.get(args[0], args[0])}, clip={args[1]}, var={args[2]}, ext_noise={bool(args[3])}>"
+        return (f"{m.group(1)}<{KINDS.get(args[0], args[0])}, {NOISE.get(args[1], args[1])}, "
+                f"{MODES.get(args[2], args[2])}, {'int64' if args[3] else 'int32'}>")
     return m.group(1)
 def demangle(names):
     return [short(n) for n in names]
@@ -82,4 +86,5 @@ PY
 done
 if [[ "$fail" != 0 ]]; then echo "nvcc_check: FAILED"; exit 1; fi
 [[ "${KEEP:-0}" == 1 ]] && echo "nvcc_check: logs in $WORK"
+if [[ -n "${SM90_OBJ:-}" && -f "$WORK/step_kernels_sm90.o" ]]; then cp "$WORK/step_kernels_sm90.o" "$SM90_OBJ"; fi
 echo "nvcc_check: OK"

@@ -13,20 +13,27 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import torch
 
+from fused_ddpm.backends import BACKENDS
+
 # ------------------------------------------------------------------------------ providers
+#: the fused step on each backend of fused_ddpm's backend records
+FUSED = tuple(BACKENDS)
+_FUSED_NOTES = {"triton": "; CUDA only here", "torch": "; the kernel contract in torch ops"}
 #: provider name -> one-line description (the order is the table order)
 PROVIDERS: Dict[str, str] = {
-    "cuda": "fused step, CUDA backend (fused_ddpm.ddpm_step(backend='cuda'))",
-    "triton": "fused step, Triton backend (backend='triton'; CUDA only here)",
-    "cpu": "fused step, C++ CPU backend (backend='cpu')",
-    "sample": "fused_ddpm.sample(...) loop (loop modes only; optional, detected with hasattr)",
+    **{name: f"fused step, {name} backend (fused_ddpm.ddpm_step(backend={name!r})"
+             f"{_FUSED_NOTES.get(name, '')})" for name in FUSED},
+    "sample": "fused_ddpm.sample(...) loop (loop modes only)",
+    "dropin": "diffusers drop-in FusedDDPMScheduler.step, diffusers' own noise (randn; mode "
+              "'overhead')",
+    "dropin-philox": "the drop-in with noise='philox' (in-kernel noise; mode 'overhead')",
     "reference": "eager PyTorch reference (fused_ddpm.reference.ddpm_step)",
     "compile": "torch.compile(fused_ddpm.reference.ddpm_step)",
     "diffusers": "diffusers DDPMScheduler.step (clip_sample=False, fixed_small, epsilon)",
     "randn": "torch.randn alone, the noise floor (mode 'baseline')",
     "copy": "y.copy_(x), the bandwidth ceiling (mode 'baseline'; always measured)",
+    "add": "torch.add(x, m) of the same tensor, the per-call floor of mode 'overhead'",
 }
-FUSED = ("cuda", "triton", "cpu")
 BASELINE_PROVIDERS = ("randn", "copy")
 
 # ------------------------------------------------------------------------------ modes
@@ -41,13 +48,19 @@ MODES: Dict[str, str] = {
     "loop": "1000-step loop without a model (x <- step(x, m, t), t = 999..0), eager "
             "Python loop - floor 3 passes per step",
     "loop-graph": "the same 1000-step loop captured whole in one CUDA graph (GPU only)",
+    "overhead": "Python overhead: per-call time of one step on a tiny tensor (fused: "
+                "fused_ddpm.ddpm_step with int t and a seeds tensor; dropin: "
+                "FusedDDPMScheduler.step as a pipeline calls it), reported as a ratio to "
+                "torch.add of the same tensor in the same run (x_add)",
 }
 STEP_MODES = ("fwd-seeds", "fwd-noise", "bwd")
 LOOP_MODES = ("loop", "loop-graph")
 
 #: bytes moved per element, in units of one tensor pass
 PASSES = {"fwd-seeds": 3, "fwd-noise": 4, "bwd": 3, "loop": 3, "loop-graph": 3,
-          "copy": 2, "randn": 1}
+          "overhead": 3, "copy": 2, "randn": 1}
+#: the shape of mode "overhead" (a 1x4x8x8 tensor: the per-call cost, not bandwidth)
+OVERHEAD_SHAPE = "tiny"
 
 LOOP_STEPS = 1000
 
@@ -57,8 +70,9 @@ SHAPES: Dict[str, Tuple[int, ...]] = {
     "sdxl-latent-b8": (8, 4, 128, 128),   # SDXL latent, batch 8
     "cifar-b128": (128, 3, 32, 32),       # CIFAR-10 pixel space, batch 128
     "img256-b16": (16, 3, 256, 256),
-    "img512-b64": (64, 3, 512, 512),      # DESIGN.md section 5 headline shape
+    "img512-b64": (64, 3, 512, 512),      # the headline shape
     "video-latent": (1, 4, 16, 64, 64),   # 5-D video latent [B, C, T, H, W]
+    "tiny": (1, 4, 8, 8),                 # mode "overhead": per-call Python cost
 }
 
 DTYPES: Dict[str, torch.dtype] = {"fp32": torch.float32, "fp16": torch.float16,
@@ -131,14 +145,16 @@ class Preset:
     description: str = ""
 
 
-ALL_STEP_PROVIDERS = ["cuda", "triton", "cpu", "reference", "compile", "diffusers", "randn", "copy"]
-LOOP_PROVIDERS = ["cuda", "triton", "cpu", "sample", "reference", "compile", "diffusers"]
+ALL_STEP_PROVIDERS = [*FUSED, "reference", "compile", "diffusers", "randn", "copy"]
+LOOP_PROVIDERS = [*FUSED, "sample", "reference", "compile", "diffusers"]
+OVERHEAD_PROVIDERS = [*FUSED, "dropin", "dropin-philox", "diffusers", "add"]
 SEC5_SHAPES = ["sd-latent", "img512-b64"]
+OVERHEAD_SETTINGS = Settings(repeats=15, min_repeat_s=0.01, warmup_s=0.05, loop_repeats=1)
 
 PRESETS: Dict[str, Preset] = {
     # Tiny: one small shape, one dtype, few repeats; CPU-friendly, for tests and smoke runs.
     "quick": Preset(
-        groups=[Group(["cuda", "triton", "cpu", "reference", "diffusers", "randn", "copy"],
+        groups=[Group([*FUSED, "reference", "diffusers", "randn", "copy"],
                       ["fwd-seeds", "fwd-noise", "bwd"], ["1x4x16x16"], ["fp32"])],
         settings=Settings(repeats=3, min_repeat_s=0.001, warmup_s=0.005, loop_repeats=1),
         description="tiny smoke run (1x4x16x16 fp32, no torch.compile, no loops)"),
@@ -151,11 +167,12 @@ PRESETS: Dict[str, Preset] = {
             Group(["cpu", "reference", "diffusers", "randn", "copy"], ["fwd-seeds", "fwd-noise"],
                   ["img256-b16"], ["fp32"]),
             Group(LOOP_PROVIDERS, ["loop"], ["sd-latent"], ["fp32"]),
+            Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
         ],
         settings=Settings(repeats=15, min_repeat_s=0.002, warmup_s=0.02, loop_repeats=3),
         description="CPU: 3 small shapes x fp32/bf16 x fwd/bwd, 16x3x256x256 fp32 fwd, "
                     "1000-step loop on the SD latent"),
-    # Full DESIGN.md section 5 set on a GPU (~3 min on an H200).
+    # The full headline set on a GPU (~3 min on an H200).
     "gpu": Preset(
         groups=[
             Group([p for p in ALL_STEP_PROVIDERS if p != "compile"], list(STEP_MODES),
@@ -164,9 +181,15 @@ PRESETS: Dict[str, Preset] = {
             # section 5 shapes only (run `--providers compile --shapes all` for the rest).
             Group(["compile"], list(STEP_MODES), SEC5_SHAPES, list(DTYPES)),
             Group(LOOP_PROVIDERS, list(LOOP_MODES), ["sd-latent", "cifar-b128"], list(DTYPES)),
+            Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"]),
         ],
         settings=Settings(repeats=25, min_repeat_s=0.001, warmup_s=0.025, loop_repeats=3),
-        description="GPU: DESIGN.md section 5 - all shapes, dtypes, modes and providers"),
+        description="GPU: the headline set - all shapes, dtypes, modes and providers"),
+    # Python overhead per call (1x4x8x8): fused_ddpm.ddpm_step and the drop-in vs torch.add.
+    "overhead": Preset(
+        groups=[Group(OVERHEAD_PROVIDERS, ["overhead"], [OVERHEAD_SHAPE], ["fp32"])],
+        settings=OVERHEAD_SETTINGS,
+        description="Python overhead per call on a 1x4x8x8 tensor, as ratios to torch.add"),
 }
 
 

@@ -17,7 +17,7 @@ from typing import Callable, Tuple
 import torch
 
 from . import timing
-from .config import FUSED, LOOP_MODES, LOOP_STEPS, STEP_MODES
+from .config import FUSED, LOOP_MODES, LOOP_STEPS
 
 T_STEP = 500
 
@@ -71,11 +71,19 @@ def coeffs_on(device: torch.device):
     return _COEFFS[key]
 
 
-def diffusers_scheduler():
-    DDPMScheduler, _ = _diffusers()
-    return DDPMScheduler(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
+_DIFFUSERS_CONFIG = dict(num_train_timesteps=1000, beta_schedule="linear", beta_start=1e-4,
                          beta_end=0.02, variance_type="fixed_small", clip_sample=False,
                          prediction_type="epsilon")
+
+
+def diffusers_scheduler():
+    DDPMScheduler, _ = _diffusers()
+    return DDPMScheduler(**_DIFFUSERS_CONFIG)
+
+
+def dropin_scheduler(noise: str = "randn"):
+    from fused_ddpm.diffusers import FusedDDPMScheduler
+    return FusedDDPMScheduler(**_DIFFUSERS_CONFIG, noise=noise)
 
 
 def _numel(shape) -> int:
@@ -100,34 +108,29 @@ def check(provider: str, mode: str, device: torch.device, dtype: torch.dtype) ->
         return
     if provider in ("randn", "copy"):
         raise Skip("unsupported", f"{provider} is mode-independent (recorded as 'baseline')")
+    if provider in ("add", "dropin", "dropin-philox") and mode != "overhead":
+        raise Skip("unsupported", f"{provider} is measured in mode 'overhead' only")
+    if mode == "overhead" and provider not in FUSED + ("add", "dropin", "dropin-philox",
+                                                       "diffusers"):
+        raise Skip("unsupported", "mode 'overhead' measures the fused step, the drop-in, "
+                                  "diffusers and torch.add")
     if mode == "loop-graph" and device.type != "cuda":
         raise Skip("unsupported", "CUDA graphs need a CUDA device")
     if provider in FUSED:
+        from fused_ddpm.backends import get as get_backend
         status = backend_status().get(provider, "unavailable: unknown backend")
-        if provider == "triton":
-            if device.type != "cuda":
-                raise Skip("unavailable", "Triton runs on CPU tensors only under the "
-                                          "interpreter (TRITON_INTERPRET=1), far too slow to "
-                                          "benchmark; needs a CUDA device")
-            if os.environ.get("TRITON_INTERPRET", "0") == "1":
-                raise Skip("unavailable", "TRITON_INTERPRET=1 is set (interpreter, not "
-                                          "kernels): unset it to benchmark Triton")
+        if provider == "triton" and os.environ.get("TRITON_INTERPRET", "0") == "1":
+            raise Skip("unavailable", "TRITON_INTERPRET=1 is set (interpreter, not "
+                                      "kernels): unset it to benchmark Triton")
         if not status.startswith("available"):
             raise Skip("unavailable", status.replace("unavailable: ", "", 1))
-        if provider == "cpu" and device.type != "cpu":
-            raise Skip("unsupported", "the C++ CPU backend takes CPU tensors (run with "
-                                      "--device cpu)")
-        if provider in ("cuda", "triton") and device.type != "cuda":
-            raise Skip("unsupported", f"the {provider} backend needs a CUDA device")
-        if mode in LOOP_MODES or mode in STEP_MODES:
-            return
-    if provider == "sample":
-        if mode not in LOOP_MODES:
-            raise Skip("unsupported", "fused_ddpm.sample is a whole loop (loop modes only)")
-        if not hasattr(_fd(), "sample"):
-            raise Skip("unavailable", "fused_ddpm.sample does not exist (yet)")
+        why = get_backend(provider).takes(device, dtype)
+        if why is not None:
+            raise Skip("unsupported", f"the {provider} backend cannot run this: {why}")
         return
-    if provider == "diffusers":
+    if provider == "sample" and mode not in LOOP_MODES:
+        raise Skip("unsupported", "fused_ddpm.sample is a whole loop (loop modes only)")
+    if provider in ("diffusers", "dropin", "dropin-philox"):
         if _diffusers()[0] is None:
             raise Skip("unavailable", f"diffusers is not installed ({_diffusers()[1]})")
         if mode == "fwd-noise":
@@ -162,7 +165,9 @@ def _step_fn(provider: str, mode: str, device: torch.device, shape):
     coeffs = coeffs_on(device)
     B = shape[0]
     if provider in FUSED:
-        t = torch.full((B,), T_STEP, dtype=torch.int64, device=device)
+        # mode overhead: an int t, as a Python sampling loop passes it
+        t = T_STEP if mode == "overhead" else torch.full((B,), T_STEP, dtype=torch.int64,
+                                                         device=device)
         seeds = torch.arange(B, dtype=torch.int64, device=device) + 12345
 
         def f(x, m, z):
@@ -178,12 +183,17 @@ def _step_fn(provider: str, mode: str, device: torch.device, shape):
         if provider == "compile":
             return compiled(f)
         return f
-    if provider == "diffusers":
-        sched = diffusers_scheduler()
+    if provider in ("diffusers", "dropin", "dropin-philox"):
+        sched = (diffusers_scheduler() if provider == "diffusers" else
+                 dropin_scheduler("philox" if provider == "dropin-philox" else "randn"))
+        t = sched.timesteps[len(sched.timesteps) - 1 - T_STEP]    # a CPU tensor, as pipelines
+        g = torch.Generator(device=device).manual_seed(0)
 
         def f(x, m, z):
-            return sched.step(m, T_STEP, x, return_dict=False)[0]
+            return sched.step(m, t, x, generator=g, return_dict=False)[0]
         return f
+    if provider == "add":
+        return lambda x, m, z: torch.add(x, m)
     raise Skip("unsupported", f"{provider} has no step")
 
 
@@ -214,6 +224,9 @@ def build(provider: str, mode: str, shape, dtype, device: torch.device, rotate: 
     if mode in LOOP_MODES:
         return _build_loop(provider, mode, shape, dtype, device), 1
     f = _step_fn(provider, mode, device, shape)
+    if mode == "overhead":
+        b = _inputs(shape, dtype, device, 1)[0]
+        return (lambda i: f(b["x"], b["m"], None)), 1
     if mode in ("fwd-seeds", "fwd-noise"):
         bufs = _inputs(shape, dtype, device, nbuf, noise=(mode == "fwd-noise"))
 
@@ -261,18 +274,9 @@ def _build_loop(provider, mode, shape, dtype, device):
     if provider == "sample":
         model = _ConstModel(m)
 
-        kwargs = dict(device=device, dtype=dtype, x_T=x0)
-
         def run(i):
-            try:
-                return fd.sample(model, tuple(shape), coeffs, seeds=seeds, cuda_graph=graph,
-                                 progress=False, **kwargs)
-            except TypeError as e:            # an older signature without these keywords
-                if not kwargs or "keyword" not in str(e):
-                    raise
-                kwargs.clear()
-                return fd.sample(model, tuple(shape), coeffs, seeds=seeds,
-                                 cuda_graph=graph, progress=False)
+            return fd.sample(model, tuple(shape), coeffs, seeds=seeds, cuda_graph=graph,
+                             progress=False, device=device, dtype=dtype, x_T=x0)
         return run
 
     if provider in FUSED:

@@ -121,6 +121,9 @@ def header(doc: dict) -> str:
              f"{doc['settings'].get('torch_threads')}; run took {doc.get('duration_s')} s",
              "- fused_ddpm backends: " + "; ".join(
                  f"{k}: {s}" for k, s in (doc.get("backends") or {}).items())]
+    if doc.get("overhead"):
+        lines.append("- Python overhead per call, × torch.add of the same tensor: " + "; ".join(
+            f"{k}: {v:.2f}×" for k, v in doc["overhead"].items()))
     return "\n".join(lines)
 
 

@@ -19,6 +19,9 @@ from . import timing
 from .config import (BASELINE_PROVIDERS, DTYPES, LOOP_MODES, LOOP_STEPS, MODES, PASSES,
                      PROVIDERS, Preset, parse_shape)
 
+#: providers measured only in mode "overhead" (and always there: "add" is its floor)
+OVERHEAD_ONLY = ("add", "dropin", "dropin-philox")
+
 SCHEMA_VERSION = 1
 REPO_ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -102,11 +105,15 @@ def enumerate_cases(preset: Preset) -> List[dict]:
                 if "randn" in g.providers:
                     add("randn", "baseline", shape_name, dtype)
                 for mode in g.modes:
+                    if mode == "overhead":
+                        add("add", mode, shape_name, dtype)     # always: the ratio's floor
                     for prov in g.providers:
                         if prov in BASELINE_PROVIDERS:
                             continue
                         if prov == "sample" and mode not in LOOP_MODES:
                             continue       # a whole loop: nothing to time per step
+                        if prov in OVERHEAD_ONLY and mode != "overhead":
+                            continue
                         add(prov, mode, shape_name, dtype)
     order = {p: i for i, p in enumerate(PROVIDERS)}
     morder = {m: i for i, m in enumerate(["baseline"] + list(MODES))}
@@ -182,7 +189,8 @@ def run_case(case: dict, device: torch.device, settings) -> dict:
 
 
 def derive(rows: List[dict]) -> None:
-    """Add floor_us, fraction_of_floor, speedup_vs_diffusers and speedup_vs_compile."""
+    """Add floor_us, fraction_of_floor, speedup_vs_diffusers, speedup_vs_compile, and for
+    mode "overhead" x_add (the per-call time as a multiple of torch.add's)."""
     def key(r):
         return (r["shape_name"], r["dtype"])
     copy = {key(r): r for r in rows if r["provider"] == "copy" and r["status"] == "ok"}
@@ -190,10 +198,13 @@ def derive(rows: List[dict]) -> None:
           if r["status"] == "ok"}
     for r in rows:
         for f in ("floor_us", "fraction_of_floor", "copy_gbps", "speedup_vs_diffusers",
-                  "speedup_vs_compile"):
+                  "speedup_vs_compile", "x_add"):
             r.setdefault(f, None)
         if r["status"] != "ok":
             continue
+        add = by.get(("add", "overhead", r["shape_name"], r["dtype"]))
+        if r["mode"] == "overhead" and add is not None:
+            r["x_add"] = r["median_us"] / add["median_us"]
         c = copy.get(key(r))
         if c is not None:
             r["copy_gbps"] = c["gbps"]
@@ -267,6 +278,8 @@ def run(preset: Preset, device: torch.device, preset_name: str = "custom",
                      "cache_bytes": timing.cache_bytes(device)},
         "backends": dict(P.backend_status()),
         "duration_s": round(time.perf_counter() - t_start, 2),
+        "overhead": {f"{r['provider']} {r['shape_name']} {r['dtype']}": round(r["x_add"], 2)
+                     for r in rows if r.get("x_add") is not None},
         "rows": rows,
     }
     return doc

@@ -1,364 +1,333 @@
 // The C++ CPU kernels of the fused step (docs/kernels.md).
 //
-// Work is split with at::parallel_for over (sample, block) pairs. A block is BLOCK storage
-// elements of one sample (contiguous layout) or P spatial positions × all C channels
-// (channels_last). Per block: in-kernel noise is generated first into a small buffer (one
-// Philox call per four logical elements, then Box–Muller), then one straight loop does the
-// affine step. fp16/bf16 compute in float, fp32 in float, fp64 in double with a float64 table.
-// Build with -fno-math-errno (setup.py) so the noise loops vectorise.
+// Work is split with at::parallel_for over blocks: a block is a storage range of one sample,
+// BLOCK elements (or, channels_last with in-kernel noise, whole positions: P positions x C
+// channels, so that each channel's noise is P consecutive logical elements). Per block the
+// noise is generated first (noise_cpu.cpp), then one vector loop (step_cpu_loops.h) applies
+// the per-element math of step_math.h. The lean step (no clip, fixed variance, no guidance:
+// y = Q x + R m + S z) and its backward read and write the tensors' dtype directly; every
+// other launch goes through compute-type buffers (float; double for fp64).
+#include "step_cpu.h"
+
 #include <ATen/Parallel.h>
 #include <c10/util/BFloat16.h>
 #include <c10/util/Exception.h>
 #include <c10/util/Half.h>
 
 #include <algorithm>
-#include <cmath>
 #include <cstring>
+#include <type_traits>
 #include <vector>
 
-#include "step_cpu.h"
+#include "noise_cpu.h"
+#include "static_switch.h"
+#include "step_cpu_loops.h"
 #include "step_math.h"
 
 namespace fused_ddpm {
 namespace {
 
-constexpr int64_t BLOCK = 1024;  // storage elements per block (a multiple of 4)
+using cpu::AccOf;
+
+constexpr int64_t BLOCK = 256;  // storage elements per block (a multiple of 4)
 // Elements per parallel task at least: smaller steps run on one thread, since waking
 // threads costs more than the work (and stalls whole steps on a busy machine).
 constexpr int64_t PARALLEL_GRAIN = 1 << 16;
 
-template <typename A> struct AccOf { using type = float; };
-template <> struct AccOf<double> { using type = double; };
+// ------------------------------------------------------------------------------ blocks
 
-// ---- host Box–Muller that the compiler can vectorise (needs -fno-math-errno for sqrt).
-// ln u and sin/cos θ are evaluated in double with short polynomials and rounded to float, so
-// they agree with libm's / PyTorch's float functions to about an ulp (the oracle's tolerance
-// is 1e-6); the rest follows the spec's float32 operation order. Every CPU path (block and
-// edge groups) uses these, so a logical element gets the same bits whatever the layout/split.
-inline double bits_as_double(uint64_t b) { double d; std::memcpy(&d, &b, 8); return d; }
-inline uint64_t double_as_bits(double d) { uint64_t b; std::memcpy(&b, &d, 8); return b; }
-
-// ln u for u in (0, 1]: u = 2^e · mant with mant in [√½, √2), ln mant = 2 atanh(s), s = (mant−1)/(mant+1).
-inline float log_unit(float u) {
-  uint32_t bits;
-  std::memcpy(&bits, &u, 4);
-  const uint32_t ix = bits - 0x3f3504f3u;
-  const int32_t e = static_cast<int32_t>(ix) >> 23;
-  const uint32_t mb = (ix & 0x7fffffu) + 0x3f3504f3u;
-  float mant;
-  std::memcpy(&mant, &mb, 4);
-  const double m = mant;
-  const double s = (m - 1.0) / (m + 1.0), s2 = s * s;
-  const double p = s2 * (1.0 / 3 + s2 * (1.0 / 5 + s2 * (1.0 / 7 + s2 * (1.0 / 9 + s2 * (1.0 / 11 + s2 * (1.0 / 13))))));
-  return static_cast<float>(e * 0.6931471805599453 + 2.0 * s * (1.0 + p));
-}
-
-// sin θ, cos θ for θ in [0, 2π]: quadrant by round-to-nearest (magic-number trick), Taylor on
-// [−π/4, π/4], quadrant swap/sign by bit masks (no branches).
-inline void sincos_unit(float theta, float* sn, float* cs) {
-  const double x = theta;
-  const double kk = x * 0.6366197723675814 + 6755399441055744.0;  // + 1.5·2^52
-  const uint64_t q = double_as_bits(kk);                            // low bits: the quadrant
-  const double k = kk - 6755399441055744.0;
-  const double r = (x - k * 1.5707963267948966) - k * 6.123233995736766e-17;
-  const double r2 = r * r;
-  const double sr = r + r * r2 * (-1.0 / 6 + r2 * (1.0 / 120 + r2 * (-1.0 / 5040 + r2 * (1.0 / 362880 + r2 * (-1.0 / 39916800)))));
-  const double cr = 1.0 + r2 * (-0.5 + r2 * (1.0 / 24 + r2 * (-1.0 / 720 + r2 * (1.0 / 40320 + r2 * (-1.0 / 3628800 + r2 * (1.0 / 479001600))))));
-  const uint64_t swap = 0 - (q & 1);
-  const uint64_t su = double_as_bits(sr), cu = double_as_bits(cr);
-  const uint64_t sv = ((su & ~swap) | (cu & swap)) ^ ((q & 2) << 62);
-  const uint64_t cv = ((cu & ~swap) | (su & swap)) ^ (((q + 1) & 2) << 62);
-  *sn = static_cast<float>(bits_as_double(sv));
-  *cs = static_cast<float>(bits_as_double(cv));
-}
-
-// npairs Box–Muller pairs from raw Philox words: (raw[2k], raw[2k+1]) → (z[2k], z[2k+1]).
-inline void normals_from_raw(const uint32_t* raw, float* z, int64_t npairs) {
-  for (int64_t k = 0; k < npairs; ++k) {
-    const float u0 = uint32_to_uniform(raw[2 * k]), u1 = uint32_to_uniform(raw[2 * k + 1]);
-    const float rho = std::sqrt(-2.0f * log_unit(u0));
-    float sn, cs;
-    sincos_unit(u1 * TWO_PI_F32, &sn, &cs);
-    z[2 * k] = rho * cs;
-    z[2 * k + 1] = rho * sn;
-  }
-}
-
-inline void normal4_cpu(uint64_t group, uint32_t t, uint64_t seed, float z[4]) {
-  const U32x4 o = philox4x32_10(group, t, seed);
-  normals_from_raw(o.v, z, 2);
-}
-
-// Normals of logical indices [i0, i0 + n) into z[0 .. n): one Philox call per group of four.
-// x86-64 Linux: AVX-512 and AVX2 clones picked at load time (ifunc) when the CPU has them.
-// Built with -ffp-contract=off (setup.py): no FMA, so every clone gives the same bits.
-#if defined(__x86_64__) && defined(__linux__) && (defined(__GNUC__) || defined(__clang__))
-#define FD_CPU_CLONES __attribute__((target_clones("avx512f", "avx2", "default")))
-#else
-#define FD_CPU_CLONES
-#endif
-
-FD_CPU_CLONES void gen_normals(uint64_t seed, uint32_t t, int64_t i0, int64_t n, float* z) {
-  int64_t i = i0;
-  const int64_t end = i0 + n;
-  float tmp[4];
-  if ((i & 3) && i < end) {
-    normal4_cpu(static_cast<uint64_t>(i >> 2), t, seed, tmp);
-    for (; i < end && (i & 3); ++i) z[i - i0] = tmp[i & 3];
-  }
-  const int64_t ng = (end - i) >> 2;
-  if (ng > 0) {
-    // Raw Philox words first (a loop of integer ops the compiler can vectorise), then the
-    // uniforms and Box–Muller.
-    uint32_t raw[BLOCK + 4];
-    float* out = z + (i - i0);
-    const uint64_t g0 = static_cast<uint64_t>(i >> 2);
-    for (int64_t gb = 0; gb < ng; gb += BLOCK / 4) {
-      const int64_t gn = std::min<int64_t>(BLOCK / 4, ng - gb);
-      for (int64_t g = 0; g < gn; ++g) {
-        const U32x4 o = philox4x32_10(g0 + static_cast<uint64_t>(gb + g), t, seed);
-        raw[4 * g + 0] = o.v[0];
-        raw[4 * g + 1] = o.v[1];
-        raw[4 * g + 2] = o.v[2];
-        raw[4 * g + 3] = o.v[3];
-      }
-      normals_from_raw(raw, out + 4 * gb, 2 * gn);
+struct Blocks {
+  int64_t len;         // storage elements per block (the last one of a sample may be shorter)
+  int64_t per_sample;  // blocks per sample
+  Blocks(const StepParams& p, bool cl_noise) {
+    if (cl_noise) {
+      const int64_t P = std::max<int64_t>(4, (BLOCK / std::max<int64_t>(p.C, 1)) & ~int64_t(3));
+      len = P * p.C;
+    } else {
+      len = BLOCK;
     }
-    i += 4 * ng;
+    per_sample = p.N ? (p.N + len - 1) / len : 0;
   }
-  if (i < end) {
-    normal4_cpu(static_cast<uint64_t>(i >> 2), t, seed, tmp);
-    for (; i < end; ++i) z[i - i0] = tmp[i & 3];
-  }
-}
-
-struct BlockGeom {
-  int64_t nblk;     // blocks per sample
-  int64_t P;        // channels_last: spatial positions per block
-  int64_t elems;    // max storage elements per block
 };
 
-BlockGeom block_geom(const StepParams& p) {
-  BlockGeom g;
-  if (p.channels_last) {
-    g.P = std::max<int64_t>(1, BLOCK / std::max<int64_t>(p.C, 1));
-    g.nblk = (p.S + g.P - 1) / g.P;
-    g.elems = g.P * p.C;
-  } else {
-    g.P = 0;
-    g.nblk = (p.N + BLOCK - 1) / BLOCK;
-    g.elems = BLOCK;
-  }
-  return g;
+// Per-task block buffers.
+template <typename A>
+struct Scratch {
+  std::vector<A> v;
+  std::vector<float> zf, tmp;
+  int64_t len;
+  Scratch(int64_t len_, int nbuf) : v(static_cast<size_t>(len_) * nbuf, A(0)), zf(len_ + 4),
+                                    len(len_) {}
+  A* buf(int i) { return v.data() + static_cast<size_t>(i) * len; }
+};
+
+// Runs body(b, s0, n, scratch) over every block, in parallel (one Scratch(len, nbuf) per task).
+template <typename A, typename Body>
+void for_each_block(const StepParams& p, const Blocks& bl, int nbuf, Body&& body) {
+  const int64_t total = p.B * bl.per_sample;
+  at::parallel_for(0, total, std::max<int64_t>(1, PARALLEL_GRAIN / bl.len),
+                   [&](int64_t begin, int64_t end) {
+    Scratch<A> scratch(bl.len, nbuf);
+    for (int64_t idx = begin; idx < end; ++idx) {
+      const int64_t b = idx / bl.per_sample, s0 = (idx - b * bl.per_sample) * bl.len;
+      body(b, s0, std::min(bl.len, p.N - s0), scratch);
+    }
+  });
 }
 
-// In-kernel noise of one block of sample b: storage range [s0, s0 + n) → zbuf[0 .. n).
-void block_noise(const StepParams& p, const BlockGeom& g, int64_t b, int64_t blk, int64_t s0,
-                 int64_t n, float* zbuf, float* tmp) {
-  const uint64_t seed = static_cast<uint64_t>(p.seeds[b * p.seeds_stride]);
-  const uint32_t t = static_cast<uint32_t>(p.t[b * p.t_stride]);
-  if (!p.channels_last) {
-    gen_normals(seed, t, s0, n, zbuf);
+// In-kernel normals of storage range [s0, s0 + n) of sample b into z[0 .. n) (z holds n + 4).
+// s0 is a multiple of 4 (contiguous) or of C (channels_last, n a multiple of C).
+void block_noise(const StepParams& p, int64_t b, int64_t s0, int64_t n, float* z,
+                 std::vector<float>& tmp) {
+  const uint64_t seed = static_cast<uint64_t>(p.seeds.data[b * p.seeds.stride]);
+  const uint32_t t = static_cast<uint32_t>(p.t.data[b * p.t.stride]);
+  if (p.layout == Layout::CONTIGUOUS) {
+    philox_normals(seed, t, p.noise_stream, static_cast<uint64_t>(s0 / 4), (n + 3) / 4, z);
     return;
   }
-  // storage s = pos * C + c  ↔  logical i = c * S + pos
-  const int64_t C = p.C, pos0 = blk * g.P, np = n / C;
+  // storage s = pos C + c  <->  logical i = c S + pos
+  const int64_t C = p.C, pos0 = s0 / C, np = n / C;
+  tmp.resize(np);
   for (int64_t c = 0; c < C; ++c) {
-    gen_normals(seed, t, c * p.S + pos0, np, tmp);
-    for (int64_t k = 0; k < np; ++k) zbuf[k * C + c] = tmp[k];
+    philox_normals_range(seed, t, p.noise_stream, c * p.S + pos0, np, tmp.data());
+    for (int64_t k = 0; k < np; ++k) z[k * C + c] = tmp[k];
   }
-}
-
-template <typename A>
-ClipParams<A> clip_params(const StepParams& p, int64_t b) {
-  ClipParams<A> cp{A(0), A(0), A(1)};
-  if (p.clip_mode == CLIP_STATIC) {
-    cp.lo = static_cast<A>(-p.clip);
-    cp.hi = static_cast<A>(p.clip);
-  } else if (p.clip_mode == CLIP_DYNAMIC) {
-    const A s = static_cast<A>(p.thresh[b * p.thresh_stride]);
-    cp.lo = -s;
-    cp.hi = s;
-    cp.div = s;
-  }
-  return cp;
 }
 
 template <typename T>
-inline T* at_sample(const TensorArg& a, int64_t b, int64_t s0) {
-  return a.data ? static_cast<T*>(a.data) + b * a.batch_stride + s0 : nullptr;
+T* at_sample(const Stream& s, int64_t b, int64_t s0) {
+  return s.data ? static_cast<T*>(s.data) + b * s.batch_stride + s0 : nullptr;
 }
 
-template <typename T, int CLIP, int VAR, bool EXT>
-void forward_impl(const StepParams& p) {
-  using A = typename AccOf<T>::type;
-  const BlockGeom g = block_geom(p);
-  const A* table = static_cast<const A*>(p.table);
-  at::parallel_for(0, p.B * g.nblk, std::max<int64_t>(1, PARALLEL_GRAIN / g.elems),
-                   [&](int64_t begin, int64_t end) {
-    std::vector<float> zbuf(EXT ? 0 : g.elems), tmp(EXT ? 0 : std::max<int64_t>(g.P, 1));
-    std::vector<A> xbuf(p.x0.data ? g.elems : 0);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / g.nblk, blk = idx % g.nblk;
-      const int64_t s0 = p.channels_last ? blk * g.P * p.C : blk * BLOCK;
-      const int64_t n = std::min(g.elems, p.N - s0);
-      const Row<A> c = load_row<A>(table, p.T, p.t[b * p.t_stride]);
-      const ClipParams<A> cp = clip_params<A>(p, b);
-      const T* x = at_sample<const T>(p.x, b, s0);
-      const T* m = at_sample<const T>(p.m, b, s0);
-      const T* v = at_sample<const T>(p.v, b, s0);
-      T* y = at_sample<T>(p.y, b, s0);
-      T* x0 = at_sample<T>(p.x0, b, s0);
-      const T* ze = EXT ? at_sample<const T>(p.noise, b, s0) : nullptr;
-      const float* zi = nullptr;
-      if (!EXT) {
-        block_noise(p, g, b, blk, s0, n, zbuf.data(), tmp.data());
-        zi = zbuf.data();
-      }
-      // Two straight loops (no conditional store inside) so that they vectorise.
-      if (x0) {
-        A* xb = xbuf.data();
-        for (int64_t j = 0; j < n; ++j)
-          xb[j] = step_xh<CLIP>(c, cp, static_cast<A>(x[j]), static_cast<A>(m[j]));
-        for (int64_t j = 0; j < n; ++j) {
-          const A vv = VAR != VAR_FIXED ? static_cast<A>(v[j]) : A(0);
-          const A z = EXT ? static_cast<A>(ze[j]) : static_cast<A>(zi[j]);
-          y[j] = static_cast<T>(step_y(c, xb[j], static_cast<A>(x[j]), static_cast<A>(m[j]),
-                                       sigma_value<VAR>(c, vv), z));
-        }
-        for (int64_t j = 0; j < n; ++j) x0[j] = static_cast<T>(xb[j]);
-      } else {
-        for (int64_t j = 0; j < n; ++j) {
-          const A xx = static_cast<A>(x[j]), mm = static_cast<A>(m[j]);
-          const A vv = VAR != VAR_FIXED ? static_cast<A>(v[j]) : A(0);
-          const A z = EXT ? static_cast<A>(ze[j]) : static_cast<A>(zi[j]);
-          const A xh = step_xh<CLIP>(c, cp, xx, mm);
-          y[j] = static_cast<T>(step_y(c, xh, xx, mm, sigma_value<VAR>(c, vv), z));
-        }
-      }
+// Asks for n elements at p into the cache ahead of use (write: about to be stored). Issued
+// for the next block before a block's noise is generated, so that the memory traffic of the
+// next block overlaps the noise arithmetic of this one instead of following it.
+template <typename T>
+void prefetch(const T* p, int64_t n, bool write) {
+  if (p == nullptr) return;
+  const char* c = reinterpret_cast<const char*>(p);
+  for (int64_t off = 0; off < n * static_cast<int64_t>(sizeof(T)); off += 64) {
+    if (write) __builtin_prefetch(c + off, 1, 2);
+    else __builtin_prefetch(c + off, 0, 2);
+  }
+}
+
+// Stream s of block (b, s0, n) as compute-type values: the data itself when T is the compute
+// type, else converted into buf; an absent stream reads as zeros.
+template <typename T, typename A>
+const A* load_block(const Stream& s, int64_t b, int64_t s0, int64_t n, A* buf, const A* zeros) {
+  const T* src = at_sample<const T>(s, b, s0);
+  if (src == nullptr) return zeros;
+  if constexpr (std::is_same<T, A>::value) {
+    return src;
+  } else {
+    cpu::to_acc(src, buf, n);
+    return buf;
+  }
+}
+
+// A block's values of output stream s, computed into buf, to the tensor.
+template <typename T, typename A>
+void store_block(const Stream& s, int64_t b, int64_t s0, int64_t n, const A* buf) {
+  T* dst = at_sample<T>(s, b, s0);
+  if (dst == nullptr) return;
+  if constexpr (std::is_same<T, A>::value) {
+    std::memcpy(dst, buf, sizeof(A) * n);
+  } else {
+    cpu::from_acc(buf, dst, n);
+  }
+}
+
+// The z of a block as compute-type values: in-kernel normals, the Z stream, or zeros.
+template <typename T, typename A>
+const A* block_z(const StepParams& p, int64_t b, int64_t s0, int64_t n, Scratch<A>& w,
+                 int zbuf, const A* zeros) {
+  if (p.noise == Noise::EXTERNAL)
+    return load_block<T, A>(p.in[In::Z], b, s0, n, w.buf(zbuf), zeros);
+  if (p.noise != Noise::PHILOX) return zeros;
+  block_noise(p, b, s0, n, w.zf.data(), w.tmp);
+  if constexpr (std::is_same<A, float>::value) {
+    return w.zf.data();
+  } else {
+    A* z = w.buf(zbuf);
+    for (int64_t j = 0; j < n; ++j) z[j] = static_cast<A>(w.zf[j]);
+    return z;
+  }
+}
+
+// Runs fn(var, xh) with the variance mode and the x̂0 need as std::integral_constants.
+template <typename Fn>
+void with_var_xh(const StepParams& p, const char* op, Fn&& fn) {
+  const bool known = FD_BOOL_SWITCH(p.need_xh, XH, [&] {
+    return FD_VAR_SWITCH(p.var, VAR, [&] {
+      fn(std::integral_constant<int, VAR>(), std::bool_constant<XH>());
+      return true;
+    });
+  });
+  TORCH_CHECK(known, op, ": unsupported variance mode ", p.var);
+}
+
+// ------------------------------------------------------------------------------ forward
+
+// y = Q x + R m (+ S z): the step of the benchmarks and of most samplers.
+template <typename T, bool NOISE>
+void forward_lean(const StepParams& p) {
+  using A = AccOf<T>;
+  const Blocks bl(p, NOISE && p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
+  for_each_block<A>(p, bl, 0, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
+    const SampleCoef<A> k = sample_coef<A>(p, b);
+    const T* x = at_sample<const T>(p.in[In::X], b, s0);
+    const T* m = at_sample<const T>(p.in[In::M], b, s0);
+    T* y = at_sample<T>(p.out[Out::Y], b, s0);
+    if (NOISE && p.noise == Noise::PHILOX && s0 + n < p.N) {
+      const int64_t next = std::min(bl.len, p.N - s0 - n);
+      prefetch(x + n, next, false);
+      prefetch(m + n, next, false);
+      prefetch(y + n, next, true);
+    }
+    if (NOISE && p.noise == Noise::EXTERNAL) {
+      cpu::lean_forward_block<T, T>(x, m, at_sample<const T>(p.in[In::Z], b, s0), y, n, k);
+    } else if (NOISE) {
+      block_noise(p, b, s0, n, w.zf.data(), w.tmp);
+      cpu::lean_forward_block<T, float>(x, m, w.zf.data(), y, n, k);
+    } else {
+      cpu::lean_forward_block<T, void>(x, m, nullptr, y, n, k);
     }
   });
 }
 
-template <typename T, int CLIP, int VAR, bool EXT>
-void backward_impl(const StepParams& p) {
-  using A = typename AccOf<T>::type;
-  const BlockGeom g = block_geom(p);
-  const A* table = static_cast<const A*>(p.table);
-  const bool need_z = VAR != VAR_FIXED && p.grad_v.data != nullptr;
-  at::parallel_for(0, p.B * g.nblk, std::max<int64_t>(1, PARALLEL_GRAIN / g.elems),
-                   [&](int64_t begin, int64_t end) {
-    const bool gen = !EXT && need_z;
-    std::vector<float> zbuf(gen ? g.elems : 0), tmp(gen ? std::max<int64_t>(g.P, 1) : 0);
-    for (int64_t idx = begin; idx < end; ++idx) {
-      const int64_t b = idx / g.nblk, blk = idx % g.nblk;
-      const int64_t s0 = p.channels_last ? blk * g.P * p.C : blk * BLOCK;
-      const int64_t n = std::min(g.elems, p.N - s0);
-      const Row<A> c = load_row<A>(table, p.T, p.t[b * p.t_stride]);
-      const ClipParams<A> cp = clip_params<A>(p, b);
-      const T* gy = at_sample<const T>(p.grad_y, b, s0);
-      const T* gx0 = at_sample<const T>(p.grad_x0, b, s0);
-      const T* x = at_sample<const T>(p.x, b, s0);
-      const T* m = at_sample<const T>(p.m, b, s0);
-      const T* v = at_sample<const T>(p.v, b, s0);
-      T* gx = at_sample<T>(p.grad_x, b, s0);
-      T* gm = at_sample<T>(p.grad_m, b, s0);
-      T* gv = at_sample<T>(p.grad_v, b, s0);
-      T* gn = at_sample<T>(p.grad_noise, b, s0);
-      const T* ze = EXT ? at_sample<const T>(p.noise, b, s0) : nullptr;
-      const float* zi = nullptr;
-      if (gen) {
-        block_noise(p, g, b, blk, s0, n, zbuf.data(), tmp.data());
-        zi = zbuf.data();
-      }
-      for (int64_t j = 0; j < n; ++j) {
-        const A vv = VAR != VAR_FIXED ? static_cast<A>(v[j]) : A(0);
-        A z = A(0);
-        if (VAR != VAR_FIXED) z = EXT ? static_cast<A>(ze[j]) : (zi ? static_cast<A>(zi[j]) : A(0));
-        const A g0 = gx0 ? static_cast<A>(gx0[j]) : A(0);
-        A dx, dm, dv, dn;
-        step_backward_elem<CLIP, VAR, A>(c, cp, static_cast<A>(gy[j]), g0, static_cast<A>(x[j]),
-                                         static_cast<A>(m[j]), vv, z, &dx, &dm, &dv, &dn);
-        gx[j] = static_cast<T>(dx);
-        gm[j] = static_cast<T>(dm);
-        if (gv) gv[j] = static_cast<T>(dv);
-        if (gn) gn[j] = static_cast<T>(dn);
-      }
+template <typename T>
+void forward_general(const StepParams& p) {
+  using A = AccOf<T>;
+  const Blocks bl(p, p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
+  const RuntimeFeatures rf = runtime_features(p);
+  enum { BZERO, BY, BXH, BZ, BIN, NBUF = BIN + NUM_IN };
+  with_var_xh(p, "step_forward_kernel", [&](auto var, auto xh) {
+    for_each_block<A>(p, bl, NBUF, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
+      const A* zeros = w.buf(BZERO);
+      const SampleCoef<A> k = sample_coef<A>(p, b);
+      const A* in[NUM_IN];
+      for (int i = 0; i < NUM_IN; ++i)
+        in[i] = i == In::Z ? zeros : load_block<T, A>(p.in[i], b, s0, n, w.buf(BIN + i), zeros);
+      const A* z = block_z<T, A>(p, b, s0, n, w, BZ, zeros);
+      A* y = w.buf(BY);
+      A* x0 = w.buf(BXH);
+      cpu::general_forward_block<A, decltype(var), decltype(xh)>(
+          &rf, &k, in[In::X], in[In::M], in[In::MC], in[In::V], in[In::H], z, y, x0, n);
+      store_block<T, A>(p.out[Out::Y], b, s0, n, y);
+      if (xh) store_block<T, A>(p.out[Out::X0], b, s0, n, x0);
+    });
+  });
+}
+
+template <typename T>
+void forward_kind(const StepParams& p) {
+  bool noise = false;
+  if (is_lean_forward(p, &noise)) {
+    FD_BOOL_SWITCH(noise, NOISE, [&] { forward_lean<T, NOISE>(p); return true; });
+    return;
+  }
+  forward_general<T>(p);
+}
+
+// ------------------------------------------------------------------------------ backward
+
+// grad x = Q gy, grad m = R gy: the backward of the lean step.
+template <typename T>
+void backward_lean(const StepParams& p) {
+  using A = AccOf<T>;
+  const Blocks bl(p, false);
+  for_each_block<A>(p, bl, 0, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>&) {
+    const SampleCoef<A> k = sample_coef<A>(p, b);
+    cpu::lean_backward_block(at_sample<const T>(p.grad_y, b, s0),
+                             at_sample<T>(p.grad[In::X], b, s0),
+                             at_sample<T>(p.grad[In::M], b, s0), n, k.c[Col::Q], k.c[Col::R]);
+  });
+}
+
+template <typename T>
+void backward_general(const StepParams& p) {
+  using A = AccOf<T>;
+  const RuntimeFeatures rf = runtime_features(p);
+  const BackwardReads reads =
+      backward_reads(rf, p.grad[In::V].data != nullptr, p.grad[In::Z].data != nullptr);
+  const Blocks bl(p, reads.z && p.noise == Noise::PHILOX && p.layout == Layout::CHANNELS_LAST);
+  enum { BGY, BG0, BX, BM, BMC, BV, BZ, BZERO, BGRAD, NBUF = BGRAD + NUM_IN };
+  with_var_xh(p, "step_backward_kernel", [&](auto var, auto xh) {
+    for_each_block<A>(p, bl, NBUF, [&](int64_t b, int64_t s0, int64_t n, Scratch<A>& w) {
+      const A* zeros = w.buf(BZERO);
+      const SampleCoef<A> k = sample_coef<A>(p, b);
+      const Stream none;
+      const A* gy = load_block<T, A>(p.grad_y, b, s0, n, w.buf(BGY), zeros);
+      const A* g0 = load_block<T, A>(p.grad_x0, b, s0, n, w.buf(BG0), zeros);
+      const A* x = load_block<T, A>(reads.x ? p.in[In::X] : none, b, s0, n, w.buf(BX), zeros);
+      const A* M = load_block<T, A>(reads.m ? p.in[In::M] : none, b, s0, n, w.buf(BM), zeros);
+      const A* MC = load_block<T, A>(reads.m ? p.in[In::MC] : none, b, s0, n, w.buf(BMC), zeros);
+      const A* v = load_block<T, A>(reads.v ? p.in[In::V] : none, b, s0, n, w.buf(BV), zeros);
+      const A* z = reads.z ? block_z<T, A>(p, b, s0, n, w, BZ, zeros) : zeros;
+      A* g[NUM_IN];
+      for (int i = 0; i < NUM_IN; ++i) g[i] = w.buf(BGRAD + i);
+      cpu::general_backward_block<A, decltype(var), decltype(xh)>(
+          &rf, &k, gy, g0, x, M, MC, v, z, g[In::X], g[In::M], g[In::MC], g[In::V], g[In::Z],
+          g[In::H], n);
+      for (int i = 0; i < NUM_IN; ++i) store_block<T, A>(p.grad[i], b, s0, n, g[i]);
+    });
+  });
+}
+
+template <typename T>
+void backward_kind(const StepParams& p) {
+  if (is_lean_backward(p)) return backward_lean<T>(p);
+  backward_general<T>(p);
+}
+
+// ------------------------------------------------------------------------------ noise ops
+
+template <typename T>
+void normal_kind(const StepParams& p, const Stream& out) {
+  const Blocks bl(p, p.layout == Layout::CHANNELS_LAST);
+  for_each_block<float>(p, bl, 0, [&](int64_t b, int64_t s0, int64_t n, Scratch<float>& w) {
+    block_noise(p, b, s0, n, w.zf.data(), w.tmp);
+    T* dst = at_sample<T>(out, b, s0);
+    if constexpr (std::is_same<T, double>::value) {
+      for (int64_t j = 0; j < n; ++j) dst[j] = static_cast<double>(w.zf[j]);
+    } else {
+      store_block<T, float>(out, b, s0, n, w.zf.data());
     }
   });
 }
 
-template <typename T, int CLIP, int VAR>
-void forward_ext(const StepParams& p) {
-  if (p.noise.data) forward_impl<T, CLIP, VAR, true>(p);
-  else forward_impl<T, CLIP, VAR, false>(p);
-}
-template <typename T, int CLIP, int VAR>
-void backward_ext(const StepParams& p) {
-  if (p.noise.data) backward_impl<T, CLIP, VAR, true>(p);
-  else backward_impl<T, CLIP, VAR, false>(p);
-}
-
-template <typename T, int CLIP>
-void forward_var(const StepParams& p) {
-  switch (p.var_mode) {
-    case VAR_FIXED: return forward_ext<T, CLIP, VAR_FIXED>(p);
-    case VAR_LEARNED: return forward_ext<T, CLIP, VAR_LEARNED>(p);
-    default: return forward_ext<T, CLIP, VAR_LEARNED_RANGE>(p);
+template <typename Fn>
+void by_kind(int kind, const char* op, Fn&& fn) {
+  switch (kind) {
+    case KIND_F32: return fn(float());
+    case KIND_F64: return fn(double());
+    case KIND_F16: return fn(c10::Half());
+    case KIND_BF16: return fn(c10::BFloat16());
   }
-}
-template <typename T, int CLIP>
-void backward_var(const StepParams& p) {
-  switch (p.var_mode) {
-    case VAR_FIXED: return backward_ext<T, CLIP, VAR_FIXED>(p);
-    case VAR_LEARNED: return backward_ext<T, CLIP, VAR_LEARNED>(p);
-    default: return backward_ext<T, CLIP, VAR_LEARNED_RANGE>(p);
-  }
-}
-
-template <typename T>
-void forward_clip(const StepParams& p) {
-  switch (p.clip_mode) {
-    case CLIP_NONE: return forward_var<T, CLIP_NONE>(p);
-    case CLIP_STATIC: return forward_var<T, CLIP_STATIC>(p);
-    default: return forward_var<T, CLIP_DYNAMIC>(p);
-  }
-}
-template <typename T>
-void backward_clip(const StepParams& p) {
-  switch (p.clip_mode) {
-    case CLIP_NONE: return backward_var<T, CLIP_NONE>(p);
-    case CLIP_STATIC: return backward_var<T, CLIP_STATIC>(p);
-    default: return backward_var<T, CLIP_DYNAMIC>(p);
-  }
+  TORCH_CHECK(false, op, ": unsupported dtype kind ", kind);
 }
 
 }  // namespace
 
 void step_forward_cpu(const StepParams& p) {
   if (p.B == 0 || p.N == 0) return;
-  switch (p.kind) {
-    case KIND_F32: return forward_clip<float>(p);
-    case KIND_F64: return forward_clip<double>(p);
-    case KIND_F16: return forward_clip<c10::Half>(p);
-    case KIND_BF16: return forward_clip<c10::BFloat16>(p);
-  }
-  TORCH_CHECK(false, "step_forward_kernel: unsupported dtype");
+  by_kind(p.kind, "step_forward_kernel", [&](auto t) { forward_kind<decltype(t)>(p); });
 }
 
 void step_backward_cpu(const StepParams& p) {
   if (p.B == 0 || p.N == 0) return;
-  switch (p.kind) {
-    case KIND_F32: return backward_clip<float>(p);
-    case KIND_F64: return backward_clip<double>(p);
-    case KIND_F16: return backward_clip<c10::Half>(p);
-    case KIND_BF16: return backward_clip<c10::BFloat16>(p);
-  }
-  TORCH_CHECK(false, "step_backward_kernel: unsupported dtype");
+  by_kind(p.kind, "step_backward_kernel", [&](auto t) { backward_kind<decltype(t)>(p); });
+}
+
+void philox_normal_cpu(const StepParams& p, const Stream& out) {
+  if (p.B == 0 || p.N == 0) return;
+  by_kind(p.kind, "philox_normal_kernel", [&](auto t) { normal_kind<decltype(t)>(p, out); });
 }
 
 void philox_uint32_cpu(const int64_t* seeds, int64_t seeds_stride, const int64_t* t,
-                       int64_t t_stride, int64_t B, int64_t numel, int64_t* out) {
+                       int64_t t_stride, uint32_t stream, int64_t B, int64_t numel,
+                       int64_t* out) {
   if (B == 0 || numel == 0) return;
   const int64_t groups = (numel + 3) / 4;
   const int64_t chunk = 4096;
@@ -372,7 +341,7 @@ void philox_uint32_cpu(const int64_t* seeds, int64_t seeds_stride, const int64_t
       int64_t* o = out + b * numel;
       const int64_t g1 = std::min(groups, (ch + 1) * chunk);
       for (int64_t g = ch * chunk; g < g1; ++g) {
-        const U32x4 r = philox4x32_10(static_cast<uint64_t>(g), tt, seed);
+        const U32x4 r = philox_group(static_cast<uint64_t>(g), tt, stream, seed);
         for (int k = 0; k < 4; ++k) {
           const int64_t i = 4 * g + k;
           if (i < numel) o[i] = static_cast<int64_t>(r.v[k]);

@@ -1,67 +1,54 @@
-"""Per-timestep coefficient tables of the affine step (DESIGN.md §2).
+"""Coefficient tables: :class:`StepConfig`, :class:`StepCoefficients`, :func:`step_coefficients`.
 
-Every supported step is, per element, with sample x and model output m::
-
-    x̂0 = u·x + w·m                     then optionally clipped: clamp(x̂0, −c, c),
-                                        or thresholded: clamp(x̂0, −s_b, s_b) / s_b
-    y  = p·x̂0 + q·x + r·m + σ·z
-
-:func:`step_coefficients` builds one row (u, w, p, q, r, σ-or-gate, log β, log β̃) per
-*training* timestep, in float64 on the host, and keeps a float32 copy on the chosen device.
-The kernels look rows up by the actual timestep t, so no host sync is needed per step.
-
-Column meanings (kept in step with ``csrc/step_math.h`` and ``triton_kernels/step.py``):
-
-=====  ==========================================================================
-col    meaning
-=====  ==========================================================================
-0  u   x̂0 coefficient of x
-1  w   x̂0 coefficient of m
-2  p   coefficient of the (clipped) x̂0 in y; **zero when the step does not clip** —
-       then p has been folded into q and r (the collapsed, better-conditioned form)
-3  q   coefficient of x in y
-4  r   coefficient of m in y
-5  s   fixed variance: σ itself. Learned variances: a gate (1 where noise is added, else 0)
-       that multiplies the per-element σ
-6  lb  log β_t                 (``learned_range`` only)
-7  lt  log max(β̃_t, 1e-20)    (``learned_range`` only)
-=====  ==========================================================================
-
-Per-element σ: ``learned``: σ = s·√v; ``learned_range``: σ = s·exp(½(f·lb + (1−f)·lt)),
-f = (v + 1)/2, where v is the second half of a 2C-channel model output.
+A :class:`StepCoefficients` is built in one way only (its constructor): from a schedule, a
+config, the visited timesteps and a precision policy, the row builder of the config's
+method (:mod:`fused_ddpm.methods`) makes the float64 host table ``table64``
+(``[R, NUM_COLS]``, columns :class:`fused_ddpm.contract.Col`), and everything the kernels
+need follows from it: the float32 device table (copied once per device and dtype, kept as
+long as the coefficients live), the TERMS mask (columns nonzero in some row), the
+clip/variance modes and the noise stream. The kernels look rows up by the actual timestep
+t (or by step position, for methods indexed by step), so no host sync is needed per step.
 
 Rows of timesteps outside the inference schedule step to the largest scheduled timestep
 below them (or to "before the first step"), so every row is a valid step.
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Sequence, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple, Union
 
 import torch
+from torch import Tensor
 
+from . import methods
+from .contract import TERM_COLS, Clip, Col, NoiseStream, Var, terms_mask
+from .methods import METHODS, PREDICTIONS, VARIANCES, lookup
 from .schedule import NoiseSchedule, inference_timesteps
 
-METHODS = ("ddpm", "ddim")
-PREDICTION_TYPES = ("epsilon", "sample", "v_prediction")
-VARIANCE_TYPES = ("fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")
+__all__ = ["StepConfig", "StepCoefficients", "step_coefficients", "add_noise_coefficients",
+           "previous_timesteps", "METHODS", "STEP_METHODS", "PREDICTION_TYPES",
+           "VARIANCE_TYPES"]
 
-COL_U, COL_W, COL_P, COL_Q, COL_R, COL_SIGMA, COL_LOG_BETA, COL_LOG_BETA_TILDE = range(8)
-NUM_COLS = 8
+PREDICTION_TYPES = tuple(PREDICTIONS)
+VARIANCE_TYPES = tuple(VARIANCES)
+#: step methods that take a model output (what step_coefficients builds)
+STEP_METHODS = tuple(name for name, m in METHODS.items() if m.samples)
 
-# Kernel-level codes, shared by every backend.
-VAR_FIXED, VAR_LEARNED, VAR_LEARNED_RANGE = 0, 1, 2
-CLIP_NONE, CLIP_STATIC, CLIP_DYNAMIC = 0, 1, 2
-
-
-def _choice(name: str, value, choices) -> None:
-    if value not in choices:
-        raise ValueError(f"{name}={value!r} is not supported; expected one of {list(choices)}")
+#: options a method may read (Method.options), with the value that means "not used"
+_OPTION_DEFAULTS: Dict[str, Any] = {"eta": 0.0, "use_clipped_model_output": False,
+                                    "set_alpha_to_one": True}
 
 
 @dataclass(frozen=True)
 class StepConfig:
-    """What a step does, independent of the schedule. See :func:`step_coefficients`."""
+    """What a step does, independent of the schedule. See :func:`step_coefficients`.
+
+    Options a method does not read (``eta``, ``use_clipped_model_output``,
+    ``set_alpha_to_one`` with ``method="ddpm"``) must keep their defaults: anything else is
+    a ValueError, never silently ignored. DDIM takes σ = η·√β̃ from ``eta``; with a learned
+    variance type it takes the 2C-channel model output and ignores the variance half.
+    """
 
     method: str = "ddpm"
     prediction_type: str = "epsilon"
@@ -75,9 +62,18 @@ class StepConfig:
     set_alpha_to_one: bool = True
 
     def __post_init__(self) -> None:
-        _choice("method", self.method, METHODS)
-        _choice("prediction_type", self.prediction_type, PREDICTION_TYPES)
-        _choice("variance_type", self.variance_type, VARIANCE_TYPES)
+        method = lookup(METHODS, "method", self.method)
+        lookup(PREDICTIONS, "prediction_type", self.prediction_type)
+        lookup(VARIANCES, "variance_type", self.variance_type)
+        if self.variance_type not in method.variance_types:
+            raise ValueError(f"variance_type={self.variance_type!r} does not apply to "
+                             f"method={self.method!r}; expected one of "
+                             f"{list(method.variance_types)}")
+        for name, default in _OPTION_DEFAULTS.items():
+            if name not in method.options and getattr(self, name) != default:
+                users = [m for m, e in METHODS.items() if name in e.options]
+                raise ValueError(f"{name}={getattr(self, name)!r} does not apply to "
+                                 f"method={self.method!r} (only to {users})")
         if self.clip_sample_range is not None and not (float(self.clip_sample_range) > 0):
             raise ValueError(f"clip_sample_range must be a positive float or None, "
                              f"got {self.clip_sample_range!r}")
@@ -88,6 +84,9 @@ class StepConfig:
             raise ValueError(f"sample_max_value must be >= 1, got {self.sample_max_value!r}")
         if not self.eta >= 0.0:
             raise ValueError(f"eta must be >= 0, got {self.eta!r}")
+        if self.clips and not method.clips:
+            raise ValueError(f"method={self.method!r} does not clip (clip_sample_range and "
+                             f"thresholding must stay unset)")
 
     @property
     def clips(self) -> bool:
@@ -95,26 +94,31 @@ class StepConfig:
         return self.thresholding or self.clip_sample_range is not None
 
     @property
+    def model_channels(self) -> int:
+        """1, or 2 when the model output carries C variance channels after the C channels of
+        the prediction (learned variance types, for every method)."""
+        return lookup(VARIANCES, "variance_type", self.variance_type).channels
+
+    @property
     def learned_variance(self) -> bool:
-        """True when the model output carries a second half of C variance channels."""
-        return self.method == "ddpm" and self.variance_type in ("learned", "learned_range")
+        """True when the model output has 2C channels (the second half: the variance)."""
+        return self.model_channels == 2
 
     @property
-    def variance_mode(self) -> int:
-        if self.method == "ddpm" and self.variance_type == "learned":
-            return VAR_LEARNED
-        if self.method == "ddpm" and self.variance_type == "learned_range":
-            return VAR_LEARNED_RANGE
-        return VAR_FIXED
+    def variance_mode(self) -> Var:
+        """How the kernels form σ: DDIM's σ is its own (η), whatever the variance type."""
+        if lookup(METHODS, "method", self.method).own_sigma:
+            return Var.FIXED
+        return lookup(VARIANCES, "variance_type", self.variance_type).mode
 
     @property
-    def clip_mode(self) -> int:
+    def clip_mode(self) -> Clip:
         if self.thresholding:
-            return CLIP_DYNAMIC
-        return CLIP_STATIC if self.clip_sample_range is not None else CLIP_NONE
+            return Clip.DYNAMIC
+        return Clip.STATIC if self.clip_sample_range is not None else Clip.NONE
 
 
-def previous_timesteps(timesteps: torch.Tensor, num_train_timesteps: int) -> torch.Tensor:
+def previous_timesteps(timesteps: Tensor, num_train_timesteps: int) -> Tensor:
     """For every training timestep t, the largest scheduled timestep below t, or −1.
 
     ``timesteps``: the descending schedule, int64 ``[n]``. Returns int64 CPU ``[T]``.
@@ -125,129 +129,160 @@ def previous_timesteps(timesteps: torch.Tensor, num_train_timesteps: int) -> tor
     return torch.where(pos >= 0, asc[pos.clamp(min=0)], torch.full_like(t, -1))
 
 
-def _build_table(schedule: NoiseSchedule, cfg: StepConfig, prev: torch.Tensor) -> torch.Tensor:
-    """The float64 ``[T, 8]`` table; each quantity from ᾱ_t and ᾱ_t′ (t′ = prev[t])."""
-    abar = schedule.alphas_cumprod
-    T = abar.numel()
-    t = torch.arange(T)
-    final = 1.0 if (cfg.method == "ddpm" or cfg.set_alpha_to_one) else float(abar[0])
-    a_t = abar
-    a_p = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.full_like(abar, final))
-    alpha = a_t / a_p                                   # α_t = ᾱ_t / ᾱ_t′
-    beta = 1.0 - alpha
-    beta_tilde = beta * (1.0 - a_p) / (1.0 - a_t)       # β̃_t
-    sa_t, sb_t = a_t.sqrt(), (1.0 - a_t).sqrt()
-
-    # x̂0 = u x + w m
-    if cfg.prediction_type == "epsilon":
-        u, w = 1.0 / sa_t, -sb_t / sa_t
-    elif cfg.prediction_type == "sample":
-        u, w = torch.zeros_like(a_t), torch.ones_like(a_t)
-    else:  # v_prediction
-        u, w = sa_t, -sb_t
-
-    log_beta = torch.zeros_like(a_t)
-    log_beta_tilde = torch.zeros_like(a_t)
-    if cfg.method == "ddpm":
-        # Posterior mean μ̃ = p x̂0 + q x (Ho et al. 2020, eq. 7).
-        p = a_p.sqrt() * beta / (1.0 - a_t)
-        q = alpha.sqrt() * (1.0 - a_p) / (1.0 - a_t)
-        r = torch.zeros_like(a_t)
-        gate = (t > 0).to(torch.float64)                # diffusers adds noise only for t > 0
-        bt = beta_tilde.clamp(min=1e-20)
-        if cfg.variance_type in ("fixed_small", "fixed_small_log"):
-            s = bt.sqrt() * gate
-        elif cfg.variance_type == "fixed_large":
-            s = beta.sqrt() * gate
-        else:  # learned / learned_range: per-element σ, the column is the gate
-            s = gate
-            log_beta = beta.log()
-            log_beta_tilde = bt.log()
-        if not cfg.clips:
-            # Collapsed form (the seed formula): y = (1/√α_t)(x − β_t/√(1−ᾱ_t)·ε) + σz
-            # for ε-prediction; generally q += p·u, r += p·w.
-            if cfg.prediction_type == "epsilon":
-                q = 1.0 / alpha.sqrt()
-                r = -beta / (alpha.sqrt() * sb_t)
-            else:
-                q, r = q + p * u, p * w
-            p = torch.zeros_like(a_t)
-    else:
-        # DDIM (Song et al. 2021, eq. 12): y = √ᾱ_t′ x̂0 + √(1−ᾱ_t′−σ²) ε̂ + σz, σ = η√β̃.
-        s = cfg.eta * beta_tilde.clamp(min=0).sqrt()
-        d = (1.0 - a_p - s ** 2).clamp(min=0).sqrt()
-        p = a_p.sqrt()
-        if cfg.use_clipped_model_output and cfg.clips:
-            # ε̂ re-derived from the clipped x̂0: ε̂ = (x − √ᾱ_t x̂0)/√(1−ᾱ_t)
-            p = p - d * sa_t / sb_t
-            q, r = d / sb_t, torch.zeros_like(a_t)
-        else:
-            # ε̂ from the unclipped prediction, linear in (x, m)
-            if cfg.prediction_type == "epsilon":
-                ex, em = torch.zeros_like(a_t), torch.ones_like(a_t)
-            elif cfg.prediction_type == "sample":
-                ex, em = 1.0 / sb_t, -sa_t / sb_t
-            else:
-                ex, em = sb_t, sa_t
-            q, r = d * ex, d * em
-        if not cfg.clips:
-            q, r, p = q + p * u, r + p * w, torch.zeros_like(a_t)
-    return torch.stack([u, w, p, q, r, s, log_beta, log_beta_tilde], dim=1).contiguous()
+def _is_capturing(device: torch.device) -> bool:
+    return device.type == "cuda" and torch.cuda.is_current_stream_capturing()
 
 
 @dataclass(frozen=True, eq=False)
 class StepCoefficients:
-    """An immutable coefficient table plus the schedule and config it came from.
+    """An immutable coefficient table plus everything it was built from.
 
-    Attributes:
+    Args (the only way to build one; :func:`step_coefficients` is the convenient front):
         schedule: the :class:`NoiseSchedule`.
         config: the :class:`StepConfig`.
-        timesteps: int64 CPU ``[n]``, the descending inference timesteps.
+        timesteps: int64 CPU ``[n]``, the descending timesteps a sampler visits (what the
+            model is given at each step).
+        step_gap: ``None``: a step from t goes to the next scheduled timestep below t;
+            an int k: to t − k (diffusers' ``DDIMScheduler`` rule), −1 below 0.
+        precision: ``"float64"`` or ``"diffusers_float32"`` (:mod:`fused_ddpm.methods`).
+        device: where :attr:`table` lives (the device of the tensors you will step).
+
+    Derived attributes:
         prev_timesteps: int64 CPU ``[T]``, the timestep each row steps to (−1: the end).
-        table64: float64 CPU ``[T, 8]``, the table (columns in the module docstring).
-        table: float32 ``[T, 8]`` on ``device``, what the kernels read.
+        table64: float64 CPU ``[R, NUM_COLS]``, the table (R = T rows, one per training
+            timestep, for methods indexed by timestep).
+        table: float32 ``[R, NUM_COLS]`` on ``device``, what the kernels read.
+        rows: int64 CPU ``[n]``, the row each visited step reads.
+        terms: the TERMS flag (bit ``Col.X`` set iff column X is nonzero in some row).
+        index_by: ``"timestep"`` or ``"step"``; noise_stream: the Philox stream word.
     """
 
     schedule: NoiseSchedule
     config: StepConfig
-    timesteps: torch.Tensor
-    prev_timesteps: torch.Tensor
-    table64: torch.Tensor
-    table: torch.Tensor
-    _cache: Dict[Tuple[str, torch.dtype], torch.Tensor] = field(default_factory=dict, repr=False)
+    timesteps: Tensor
+    step_gap: Optional[int] = None
+    precision: str = "float64"
+    device: torch.device = torch.device("cpu")
+    prev_timesteps: Tensor = field(init=False, repr=False)
+    table64: Tensor = field(init=False, repr=False)
+    rows: Tensor = field(init=False, repr=False)
+    terms: int = field(init=False, repr=False)
+    index_by: str = field(init=False, repr=False)
+    noise_stream: NoiseStream = field(init=False, repr=False)
+    _cache: Dict[Tuple[str, str, Any], Tensor] = field(init=False, repr=False)
+    _plans: Dict[tuple, Any] = field(init=False, repr=False)
 
+    def __post_init__(self) -> None:
+        if not isinstance(self.schedule, NoiseSchedule):
+            raise TypeError(f"schedule must be a fused_ddpm.NoiseSchedule, got "
+                            f"{type(self.schedule).__name__}")
+        if not isinstance(self.config, StepConfig):
+            raise TypeError(f"config must be a StepConfig, got {type(self.config).__name__}")
+        lookup(methods.PRECISIONS, "precision", self.precision)
+        T = self.schedule.num_train_timesteps
+        ts = torch.as_tensor(self.timesteps).to("cpu", torch.int64).reshape(-1)
+        if ts.numel() == 0 or bool((ts[1:] >= ts[:-1]).any()) or int(ts[0]) >= T or \
+                int(ts[-1]) < 0:
+            raise ValueError(f"timesteps must be a non-empty, strictly descending list in "
+                             f"[0, {T}), got {ts.tolist()}")
+        if self.step_gap is None:
+            prev = previous_timesteps(ts, T)
+        elif isinstance(self.step_gap, int) and self.step_gap >= 1:
+            prev = torch.arange(T, dtype=torch.int64) - self.step_gap
+            prev = torch.where(prev >= 0, prev, torch.full_like(prev, -1))
+        else:
+            raise ValueError(f"step_gap must be None or a positive int, got {self.step_gap!r}")
+        method = lookup(METHODS, "method", self.config.method)
+        table64 = methods.build_table(self.schedule.alphas_cumprod, prev, self.config,
+                                      self.precision)
+        if not bool(torch.isfinite(table64[ts]).all()):
+            bad = ts[~torch.isfinite(table64[ts]).all(dim=1)].tolist()
+            raise ValueError(f"the schedule gives non-finite step coefficients at timesteps "
+                             f"{bad[:8]} (ᾱ_t = 0 there: a zero-terminal-SNR schedule needs "
+                             f"prediction_type='v_prediction' or 'sample')")
+        nonzero = [c for c in TERM_COLS if bool((table64[:, c] != 0).any())]
+        setters = dict(timesteps=ts, prev_timesteps=prev, table64=table64, rows=ts,
+                       terms=terms_mask(nonzero), index_by=method.index_by,
+                       noise_stream=NoiseStream.TIMESTEP, device=torch.device(self.device),
+                       _cache={}, _plans={})
+        for name, value in setters.items():
+            object.__setattr__(self, name, value)
+
+    # ------------------------------------------------------------------ derived facts
     @property
     def num_train_timesteps(self) -> int:
         return self.schedule.num_train_timesteps
 
     @property
-    def device(self) -> torch.device:
-        return self.table.device
+    def num_rows(self) -> int:
+        """R, the number of table rows (valid t values are 0 … R − 1)."""
+        return self.table64.shape[0]
 
-    def table_on(self, device: Union[str, torch.device], dtype: torch.dtype = torch.float32
-                 ) -> torch.Tensor:
-        """The table on ``device`` in ``dtype`` (float32, or float64 for CPU fp64 kernels).
+    @property
+    def adds_noise(self) -> bool:
+        """Whether some row has a noise term (σ or E nonzero): the step needs z."""
+        return bool(self.terms & ((1 << Col.S) | (1 << Col.E)))
 
-        Copies once per (device, dtype) and reuses the copy afterwards.
+    @property
+    def table(self) -> Tensor:
+        """float32 ``[R, NUM_COLS]`` on :attr:`device`."""
+        return self.table_on(self.device)
+
+    # ------------------------------------------------------------------ the device cache
+    def cached(self, what: str, device: Union[str, torch.device], key: Any,
+               make: Callable[[], Tensor]) -> Tensor:
+        """The one device cache: ``make()`` (a tensor on ``device``) made once per
+        (what, device, key) and kept as long as these coefficients live.
+
+        Entries are never dropped (they are few: a table per dtype and an index tensor per
+        device), so a kernel still reading one on another stream is never left with freed
+        memory. While a CUDA graph is being captured a missing entry is made but not kept:
+        its contents exist only when the graph replays.
         """
         device = torch.device(device)
-        if device == self.table.device and dtype == torch.float32:
-            return self.table
-        if device.type == "cpu" and dtype == torch.float64:
+        k = (what, str(device), key)
+        hit = self._cache.get(k)
+        if hit is not None:
+            return hit
+        if _is_capturing(device):
+            if what == "table":
+                raise RuntimeError(f"the coefficient table is not on {device} yet: run one "
+                                   f"eager step (or call coeffs.table_on({str(device)!r})) "
+                                   f"before capturing a CUDA graph")
+            return make()
+        value = make()
+        self._cache[k] = value
+        return value
+
+    def table_on(self, device: Union[str, torch.device], dtype: torch.dtype = torch.float32
+                 ) -> Tensor:
+        """The table on ``device`` in ``dtype`` (float32; float64 for float64 steps).
+
+        Copies once per (device, dtype) and reuses the copy afterwards."""
+        if torch.device(device).type == "cpu" and dtype == torch.float64:
             return self.table64
-        key = (str(device), dtype)
-        if key not in self._cache:
-            self._cache[key] = self.table64.to(device=device, dtype=dtype)
-        return self._cache[key]
+        return self.cached("table", device, dtype,
+                           lambda: self.table64.to(device=device, dtype=dtype).contiguous())
+
+    def row_index(self, t: int, device: torch.device) -> Tensor:
+        """int64 0-d tensor on ``device`` holding row ``t`` (a view: no kernel, no copy)."""
+        rows = self.cached("rows", device, None,
+                           lambda: torch.arange(self.num_rows, dtype=torch.int64,
+                                                device=device))
+        return rows[t]
+
+    def visited_rows_on(self, device: Union[str, torch.device]) -> Tensor:
+        """:attr:`rows` (the row of each step) as int64 on ``device``."""
+        return self.cached("visited", device, None, lambda: self.rows.to(device))
 
     def to(self, device: Union[str, torch.device]) -> "StepCoefficients":
-        """The same coefficients with the float32 table on ``device``."""
-        return StepCoefficients(self.schedule, self.config, self.timesteps, self.prev_timesteps,
-                                self.table64, self.table_on(device))
+        """The same coefficients with :attr:`table` on ``device``."""
+        return dataclasses.replace(self, device=torch.device(device))
 
     def __repr__(self) -> str:
         return (f"StepCoefficients({self.config}, {self.schedule!r}, "
-                f"steps={self.timesteps.numel()}, device={self.device})")
+                f"steps={self.timesteps.numel()}, precision={self.precision!r}, "
+                f"device={self.device})")
 
 
 def step_coefficients(schedule: NoiseSchedule,
@@ -266,39 +301,70 @@ def step_coefficients(schedule: NoiseSchedule,
                       sample_max_value: float = 1.0,
                       eta: float = 0.0,
                       use_clipped_model_output: bool = False,
-                      set_alpha_to_one: bool = True) -> StepCoefficients:
+                      set_alpha_to_one: bool = True,
+                      step_gap: Optional[int] = None,
+                      precision: str = "float64") -> StepCoefficients:
     """Build the coefficient table of a DDPM or DDIM step.
 
     Args:
         schedule: the training :class:`NoiseSchedule`.
         method: ``"ddpm"`` or ``"ddim"`` (with ``eta``, ``use_clipped_model_output`` and
-            ``set_alpha_to_one`` as in diffusers' ``DDIMScheduler``).
+            ``set_alpha_to_one`` as in diffusers' ``DDIMScheduler``; with ``"ddpm"`` these
+            must keep their defaults).
         prediction_type: ``"epsilon"``, ``"sample"`` or ``"v_prediction"``.
-        variance_type: DDPM only: ``"fixed_small"``, ``"fixed_small_log"``, ``"fixed_large"``,
-            ``"learned"`` or ``"learned_range"`` (the last two expect 2C-channel model output).
+        variance_type: ``"fixed_small"``, ``"fixed_small_log"``, ``"fixed_large"``,
+            ``"learned"`` (the model's variance channels hold σ², diffusers' convention),
+            ``"learned_range"`` (they hold v ∈ [−1, 1] interpolating log σ² between log β̃ and
+            log β) or ``"learned_log"`` (they hold log σ², improved-diffusion's ``LEARNED``).
+            The learned types expect a 2C-channel model output. DDIM takes
+            ``"fixed_small"`` (the default) or a learned type, whose variance half it ignores
+            (its σ is η·√β̃).
         clip_sample_range: clip x̂0 to [−c, c]; ``None`` for no clipping.
         num_inference_steps, timestep_spacing, steps_offset, timesteps: the inference
             schedule (see :func:`fused_ddpm.schedule.inference_timesteps`). A step goes from
-            t to the next scheduled timestep below it.
+            t to the next scheduled timestep below it (or to t − ``step_gap``).
         thresholding, dynamic_thresholding_ratio, sample_max_value: Imagen dynamic
             thresholding (wins over ``clip_sample_range``, as in diffusers).
         device: where the float32 table lives (the device of the tensors you will step).
+        step_gap: ``None`` (default): a step from t goes to the next scheduled timestep; an
+            int k: to t − k (diffusers' ``DDIMScheduler`` rule for every spacing).
+        precision: ``"float64"`` (default) or ``"diffusers_float32"`` (diffusers' float32
+            arithmetic, for output parity with diffusers' schedulers).
+
+    Returns:
+        :class:`StepCoefficients`: ``table`` float32 ``[T, NUM_COLS]`` on ``device``,
+        ``table64`` float64 ``[T, NUM_COLS]`` on the CPU, ``timesteps`` int64 ``[n]``.
+
+    Raises:
+        ValueError for unknown names, out-of-range values, options the method does not
+        read, and schedules that give non-finite coefficients at a visited timestep;
+        TypeError for a schedule that is not a :class:`NoiseSchedule`.
     """
     if not isinstance(schedule, NoiseSchedule):
-        raise TypeError(f"schedule must be a fused_ddpm.NoiseSchedule, got {type(schedule).__name__}")
+        raise TypeError(f"schedule must be a fused_ddpm.NoiseSchedule, got "
+                        f"{type(schedule).__name__}")
+    if lookup(METHODS, "method", method).samples is False:
+        raise ValueError(f"method={method!r} is not a sampler step; expected one of "
+                         f"{list(STEP_METHODS)} (use fused_ddpm.add_noise for 'add_noise')")
     if clip_sample_range is not None:
         clip_sample_range = float(clip_sample_range)
-    cfg = StepConfig(method, prediction_type, variance_type, clip_sample_range, bool(thresholding),
-                     float(dynamic_thresholding_ratio), float(sample_max_value), float(eta),
-                     bool(use_clipped_model_output), bool(set_alpha_to_one))
+    cfg = StepConfig(method, prediction_type, variance_type, clip_sample_range,
+                     bool(thresholding), float(dynamic_thresholding_ratio),
+                     float(sample_max_value), float(eta), bool(use_clipped_model_output),
+                     bool(set_alpha_to_one))
+    ts = inference_timesteps(schedule.num_train_timesteps, num_inference_steps,
+                             timestep_spacing, steps_offset, timesteps)
+    return StepCoefficients(schedule, cfg, ts, step_gap=step_gap, precision=precision,
+                            device=torch.device(device))
+
+
+def add_noise_coefficients(schedule: NoiseSchedule, prediction_type: str = "epsilon",
+                           precision: str = "float64") -> StepCoefficients:
+    """The table of the training-side step x0 → (x_t, target) (:func:`fused_ddpm.add_noise`):
+    one row per training timestep, Y = √ᾱ_t·x0 + √(1−ᾱ_t)·z and X0 = the target."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a fused_ddpm.NoiseSchedule, got "
+                        f"{type(schedule).__name__}")
+    cfg = StepConfig("add_noise", prediction_type)
     T = schedule.num_train_timesteps
-    ts = inference_timesteps(T, num_inference_steps, timestep_spacing, steps_offset, timesteps)
-    prev = previous_timesteps(ts, T)
-    table64 = _build_table(schedule, cfg, prev)
-    if not bool(torch.isfinite(table64[ts]).all()):
-        bad = ts[~torch.isfinite(table64[ts]).all(dim=1)].tolist()
-        raise ValueError(f"the schedule gives non-finite step coefficients at timesteps {bad} "
-                         f"(ᾱ_t = 0 there: a zero-terminal-SNR schedule needs "
-                         f"prediction_type='v_prediction' or 'sample')")
-    return StepCoefficients(schedule, cfg, ts, prev, table64,
-                            table64.to(device=torch.device(device), dtype=torch.float32))
+    return StepCoefficients(schedule, cfg, torch.arange(T - 1, -1, -1), precision=precision)

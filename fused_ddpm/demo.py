@@ -266,7 +266,7 @@ def run_mixture(device: torch.device, n: int, steps: int) -> List[MixtureCase]:
         _sync(device)
         dt = time.perf_counter() - t0
         x_ref = sample(model, (n, gm.D), coeffs, seeds=seeds, progress=False,
-                       backend="reference")
+                       backend="torch")
         st = sample_stats(x, gm)
         label = f"{method}, {pt}, {spacing}" + (f", eta={kw['eta']:g}" if "eta" in kw else "")
         case = MixtureCase(label, x.double().cpu(), st, worst_error(st, exact),

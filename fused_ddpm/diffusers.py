@@ -6,18 +6,19 @@
 output type, but ``step`` runs :func:`fused_ddpm.ddpm_step` (``return_x0=True``).
 
 Parity with diffusers
-    The coefficient table (one row per *training* timestep, columns as in
-    :mod:`fused_ddpm.coefficients`) is built from diffusers' own float32 ``alphas_cumprod``
-    with diffusers' float32 operations in diffusers' order (``1 - ᾱ_t``, ``ᾱ_t/ᾱ_t′``, ...);
+    The coefficient table (one row per *training* timestep) comes from the same row builder
+    as :func:`fused_ddpm.step_coefficients`, with the ``"diffusers_float32"`` precision
+    policy (:mod:`fused_ddpm.methods`): diffusers' own float32 ``alphas_cumprod`` and
+    diffusers' float32 operations in diffusers' order (``1 - ᾱ_t``, ``ᾱ_t/ᾱ_t′``, ...);
     only the final linear combinations (folding the posterior-mean coefficients into the
     x / model-output coefficients when nothing is clipped) are done in float64 from those
     float32 values and rounded once. The previous timestep of each row follows diffusers:
     DDPM looks t up in its timestep list (the custom list too; t − 1 before
-    ``set_timesteps``), DDIM uses ``t − T // num_inference_steps`` for every spacing —
-    also for ``linspace`` / ``trailing``, where that value is usually *not* the next
-    listed timestep (diffusers' behaviour, reproduced on purpose). The float64 schedule
-    the PyTorch reference backend reads is made from the same float32 ᾱ, so that backend
-    matches diffusers too.
+    ``set_timesteps``), DDIM uses ``t − T // num_inference_steps`` for every spacing
+    (``step_gap``) — also for ``linspace`` / ``trailing``, where that value is usually *not*
+    the next listed timestep (diffusers' behaviour, reproduced on purpose). The float64
+    schedule that :mod:`fused_ddpm.reference` reads is made from the same float32 ᾱ, so
+    the reference matches diffusers too.
 
     With the default ``noise="randn"`` the noise is drawn exactly as diffusers draws it
     (``randn_tensor(model_output.shape, generator=..., device=..., dtype=...)``, a list of
@@ -48,13 +49,13 @@ an ``ImportError`` that says ``pip install diffusers``.
 """
 from __future__ import annotations
 
+from collections import OrderedDict
 from typing import Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from .backends import resolve
-from .coefficients import StepCoefficients, previous_timesteps, step_coefficients
+from .coefficients import StepCoefficients, step_coefficients
 from .schedule import NoiseSchedule
 from .step import SEED_HIGH, ddpm_step
 
@@ -69,7 +70,7 @@ try:  # diffusers is optional
 except ImportError as _e:  # pragma: no cover - exercised in a test with diffusers hidden
     _DIFFUSERS_ERROR = _e
 
-__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "NOISE_SOURCES", "diffusers_table",
+__all__ = ["FusedDDPMScheduler", "FusedDDIMScheduler", "NOISE_SOURCES",
            "schedule_from_alphas_cumprod"]
 
 NOISE_SOURCES = ("randn", "philox")
@@ -88,111 +89,35 @@ def schedule_from_alphas_cumprod(alphas_cumprod: Tensor) -> NoiseSchedule:
     return NoiseSchedule(num_train_timesteps=abar.numel(), trained_betas=betas.clamp(0.0, 1.0).tolist())
 
 
-def diffusers_table(alphas_cumprod: Tensor, prev: Tensor, *, method: str, prediction_type: str,
-                    variance_type: str = "fixed_small", clips: bool = False, eta: float = 0.0,
-                    use_clipped_model_output: bool = False,
-                    final_alpha_cumprod: float = 1.0) -> Tensor:
-    """The float32 ``[T, 8]`` coefficient table of diffusers' DDPM/DDIM step.
-
-    ``alphas_cumprod``: diffusers' float32 ᾱ ``[T]``; ``prev``: int64 ``[T]``, the timestep
-    row t steps to (−1: "before the first step", ᾱ = 1 for DDPM, ``final_alpha_cumprod``
-    for DDIM). Every scalar diffusers computes in ``step`` is computed here with the same
-    float32 operations in the same order (vectorised over t); the columns of
-    :mod:`fused_ddpm.coefficients` are then formed from those float32 values in float64
-    and rounded to float32 once.
-    """
-    a = alphas_cumprod.detach().to("cpu", torch.float32).flatten()
-    T = a.numel()
-    t = torch.arange(T)
-    prev = prev.to("cpu", torch.int64)
-    final = torch.tensor(final_alpha_cumprod, dtype=torch.float32)
-    a_t = a
-    a_p = torch.where(prev >= 0, a[prev.clamp(min=0)], final)
-    b_t = 1 - a_t
-    sa, sb = (a_t ** 0.5).double(), (b_t ** 0.5).double()
-    zeros = torch.zeros(T, dtype=torch.float64)
-    if prediction_type == "epsilon":                      # x̂0 = (x − √(1−ᾱ) m)/√ᾱ
-        u, w = 1.0 / sa, -sb / sa
-    elif prediction_type == "sample":                     # x̂0 = m
-        u, w = zeros.clone(), torch.ones(T, dtype=torch.float64)
-    elif prediction_type == "v_prediction":               # x̂0 = √ᾱ x − √(1−ᾱ) m
-        u, w = sa, -sb
-    else:
-        raise ValueError(f"prediction_type={prediction_type!r} is not supported")
-    lb, lt = zeros.clone(), zeros.clone()
-    if method == "ddpm":
-        b_p = 1 - a_p
-        ca = a_t / a_p                                     # current_alpha_t
-        cb = 1 - ca                                        # current_beta_t
-        pc = ((a_p ** 0.5 * cb) / b_t).double()            # pred_original_sample_coeff
-        cc = (ca ** 0.5 * b_p / b_t).double()              # current_sample_coeff
-        var = torch.clamp((1 - a_p) / (1 - a_t) * cb, min=1e-20)
-        if variance_type == "fixed_small":
-            s = var ** 0.5
-        elif variance_type == "fixed_small_log":
-            s = torch.exp(0.5 * torch.log(var))
-        elif variance_type == "fixed_large":
-            s = cb ** 0.5
-        elif variance_type in ("learned", "learned_range"):
-            s = torch.ones_like(var)
-            if variance_type == "learned_range":
-                lb, lt = torch.log(cb).double(), torch.log(var).double()
-        else:
-            raise ValueError(f"variance_type={variance_type!r} is not supported")
-        s = torch.where(t > 0, s, torch.zeros_like(s)).double()   # diffusers: noise iff t > 0
-        p, q, r = pc, cc, zeros.clone()
-    elif method == "ddim":
-        b_p = 1 - a_p
-        var = (b_p / b_t) * (1 - a_t / a_p)                # _get_variance
-        std = eta * var ** 0.5                             # std_dev_t
-        d = ((1 - a_p - std ** 2) ** 0.5).double()         # coefficient of ε̂
-        s = std.double()
-        p = (a_p ** 0.5).double()
-        if use_clipped_model_output:                       # ε̂ = (x − √ᾱ x̂0)/√(1−ᾱ)
-            p, q, r = p - d * sa / sb, d / sb, zeros.clone()
-        else:                                              # ε̂ linear in (x, m), unclipped
-            if prediction_type == "epsilon":
-                ex, em = zeros, torch.ones(T, dtype=torch.float64)
-            elif prediction_type == "sample":
-                ex, em = 1.0 / sb, -sa / sb
-            else:
-                ex, em = sb, sa
-            q, r = d * ex, d * em
-    else:
-        raise ValueError(f"method={method!r} is not supported")
-    if not clips:   # fold p into q, r: y = (q + p u) x + (r + p w) m
-        q, r, p = q + p * u, r + p * w, zeros.clone()
-    return torch.stack([u, w, p, q, r, s, lb, lt], dim=1).to(torch.float32).contiguous()
-
-
-def _build_coefficients(abar32: Tensor, schedule: NoiseSchedule, *, method: str,
-                        prev: Tensor, lookup: List[int], prediction_type: str,
-                        variance_type: str, clip_sample: bool, clip_sample_range: float,
-                        thresholding: bool, dynamic_thresholding_ratio: float,
-                        sample_max_value: float, eta: float = 0.0,
-                        use_clipped_model_output: bool = False,
-                        set_alpha_to_one: bool = True) -> StepCoefficients:
-    """StepCoefficients whose config/schedule drive the reference backend and whose table
-    (diffusers' float32 values) drives the kernels."""
-    base = step_coefficients(
-        schedule, method=method, prediction_type=prediction_type,
-        variance_type=variance_type if method == "ddpm" else "fixed_small",
+def _build_coefficients(schedule: NoiseSchedule, timesteps: List[int], *, method: str,
+                        prediction_type: str, variance_type: str, clip_sample: bool,
+                        clip_sample_range: float, thresholding: bool,
+                        dynamic_thresholding_ratio: float, sample_max_value: float,
+                        eta: float = 0.0, use_clipped_model_output: bool = False,
+                        set_alpha_to_one: bool = True,
+                        step_gap: Optional[int] = None) -> StepCoefficients:
+    """The coefficients of a diffusers step: diffusers' float32 arithmetic
+    (``precision="diffusers_float32"``) on ``schedule`` (diffusers' own ᾱ)."""
+    return step_coefficients(
+        schedule, method=method, prediction_type=prediction_type, variance_type=variance_type,
         clip_sample_range=float(clip_sample_range) if clip_sample else None,
-        timesteps=lookup, thresholding=thresholding,
+        timesteps=timesteps, thresholding=thresholding,
         dynamic_thresholding_ratio=dynamic_thresholding_ratio,
         sample_max_value=sample_max_value, eta=eta,
-        use_clipped_model_output=use_clipped_model_output, set_alpha_to_one=set_alpha_to_one)
-    final = 1.0 if (method == "ddpm" or set_alpha_to_one) else float(abar32[0])
-    table = diffusers_table(abar32, prev, method=method, prediction_type=prediction_type,
-                            variance_type=variance_type, clips=base.config.clips, eta=eta,
-                            use_clipped_model_output=use_clipped_model_output,
-                            final_alpha_cumprod=final)
-    rows = torch.tensor(sorted(set(lookup)), dtype=torch.int64)
-    if not bool(torch.isfinite(table[rows]).all()):
-        bad = rows[~torch.isfinite(table[rows]).all(dim=1)].tolist()
-        raise ValueError(f"non-finite step coefficients at timesteps {bad[:8]}")
-    return StepCoefficients(base.schedule, base.config, base.timesteps, prev.clone(),
-                            table.double(), table)
+        use_clipped_model_output=use_clipped_model_output, set_alpha_to_one=set_alpha_to_one,
+        step_gap=step_gap, precision="diffusers_float32")
+
+
+def _output(cls, **values):
+    """``cls(**values)`` for a diffusers ``BaseOutput`` whose fields are all given (not
+    None), without its generic ``__post_init__`` (µs per step): the same ordered items and
+    attributes."""
+    out = cls.__new__(cls)
+    OrderedDict.__init__(out)
+    for name, value in values.items():
+        OrderedDict.__setitem__(out, name, value)
+        object.__setattr__(out, name, value)
+    return out
 
 
 # ----------------------------------------------------------------------------- mixin
@@ -226,48 +151,47 @@ class _FusedStepMixin:
         self._fused_noise = value
 
     def _fused_reset(self) -> None:
-        # key → (StepCoefficients or the error building it, {device: coeffs on device})
-        self._fused_cache: Dict[object, Tuple[object, Dict[str, StepCoefficients]]] = {}
-        self._fused_zero_seeds: Dict[Tuple[str, int], Tensor] = {}
+        # key → StepCoefficients, or the error building them
+        self._fused_cache: Dict[object, object] = {}
 
     def _fused_coefficients(self, key) -> StepCoefficients:
         raise NotImplementedError
 
-    def fused_coefficients(self, device: Union[str, torch.device] = "cpu", key=None
+    def fused_coefficients(self, device: Union[str, torch.device, None] = None, key=None
                            ) -> StepCoefficients:
-        """The :class:`~fused_ddpm.StepCoefficients` ``step`` uses, with the table on
-        ``device`` (built once per schedule and key, copied once per device)."""
-        device = torch.device(device)
-        if key not in self._fused_cache:
+        """The :class:`~fused_ddpm.StepCoefficients` ``step`` uses (built once per schedule
+        and key; their table is copied to each device once, on first use there, or now
+        for ``device``)."""
+        built = self._fused_cache.get(key)
+        if built is None:
             try:
                 if self._fused_schedule_error is not None:
                     raise self._fused_schedule_error
-                built: object = self._fused_coefficients(key)
+                built = self._fused_coefficients(key)
             except ValueError as e:   # deferred to step, as diffusers fails there too
                 built = e
-            self._fused_cache[key] = (built, {})
-        built, per_device = self._fused_cache[key]
+            self._fused_cache[key] = built
         if isinstance(built, BaseException):
             raise ValueError(f"{type(self).__name__} cannot step with this configuration: "
                              f"{built}") from built
-        dkey = str(device)
-        if dkey not in per_device:
-            per_device[dkey] = built.to(device)
-        return per_device[dkey]
+        if device is not None:
+            built.table_on(device)
+        return built
 
     @staticmethod
     def _host_timestep(timestep, sample: Tensor):
-        """(t for ddpm_step, the host-known values or None)."""
+        """(t for ddpm_step, whether noise is added: True/False when the host knows t,
+        None for a device tensor)."""
         if isinstance(timestep, Tensor):
-            if timestep.device.type == "cpu":
+            if timestep.is_cpu:
                 if timestep.numel() == 1:
-                    v = int(timestep.reshape(()))
-                    return v, [v]
+                    v = int(timestep)
+                    return v, v > 0
                 tv = timestep.to(torch.int64)
-                return tv.to(sample.device, non_blocking=True), tv.tolist()
+                return tv.to(sample.device, non_blocking=True), bool((tv > 0).any())
             return timestep, None
         v = int(timestep)
-        return v, [v]
+        return v, v > 0
 
     def _draw_seeds(self, generator, batch: int, device: torch.device) -> Tensor:
         """Per-sample int64 seeds from the generator(s) (torch's default when None)."""
@@ -281,21 +205,24 @@ class _FusedStepMixin:
         return torch.randint(0, SEED_HIGH, (batch,), dtype=torch.int64, device=dev,
                              generator=generator).to(device)
 
-    def _no_noise(self, sample: Tensor):
-        """(noise, seeds) for a step that adds no noise: consumes no random numbers."""
-        if resolve(self.backend, sample.device, sample.dtype) == "reference":
-            return torch.zeros_like(sample), None
-        key = (str(sample.device), sample.shape[0])
-        if key not in self._fused_zero_seeds:
-            self._fused_zero_seeds[key] = torch.zeros(sample.shape[0], dtype=torch.int64,
-                                                      device=sample.device)
-        return None, self._fused_zero_seeds[key]
+    @staticmethod
+    def _no_noise():
+        """(noise, seeds) for a step that adds no noise (σ = 0 in its row): consumes no
+        random numbers (a fixed seed feeds the in-kernel noise that σ = 0 discards)."""
+        return None, 0
 
     def _draw_noise(self, generator, sample: Tensor, model_output: Tensor):
         if self.noise == "philox":
             return None, self._draw_seeds(generator, sample.shape[0], sample.device)
-        z = randn_tensor(tuple(sample.shape), generator=generator, device=model_output.device,
-                         dtype=model_output.dtype)
+        device = model_output.device
+        if generator is None or (type(generator) is torch.Generator and
+                                 generator.device.type == device.type):
+            # what randn_tensor does for one generator on the sample's device type
+            z = torch.randn(sample.shape, generator=generator, device=device,
+                            dtype=model_output.dtype)
+        else:
+            z = randn_tensor(tuple(sample.shape), generator=generator, device=device,
+                             dtype=model_output.dtype)
         return z, None
 
     def _fused_step(self, model_output: Tensor, t, sample: Tensor, coeffs: StepCoefficients,
@@ -308,17 +235,17 @@ class _FusedStepMixin:
                          return_x0=True, backend=self.backend)
 
     @classmethod
-    def _split_fused_kwargs(cls, kwargs):
-        return kwargs.pop("noise", None), kwargs.pop("backend", None)
-
-    @classmethod
-    def _apply_fused_kwargs(cls, result, return_unused_kwargs, noise, backend):
-        sched = result[0] if return_unused_kwargs else result
+    def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
+        """diffusers' ``from_config``, also taking the ``noise`` and ``backend`` keywords
+        (they are not part of the saved config)."""
+        noise, backend = kwargs.pop("noise", None), kwargs.pop("backend", None)
+        res = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
+        sched = res[0] if return_unused_kwargs else res
         if noise is not None:
             sched.noise = noise
         if backend is not None:
             sched.backend = backend
-        return result
+        return res
 
 
 if _DIFFUSERS_ERROR is None:
@@ -357,12 +284,6 @@ if _DIFFUSERS_ERROR is None:
                 rescale_betas_zero_snr=rescale_betas_zero_snr)
             self._fused_init(noise, backend)
 
-        @classmethod
-        def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-            noise, backend = cls._split_fused_kwargs(kwargs)
-            res = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-            return cls._apply_fused_kwargs(res, return_unused_kwargs, noise, backend)
-
         def set_timesteps(self, num_inference_steps: Optional[int] = None,
                           device: Union[str, torch.device, None] = None,
                           timesteps: Optional[List[int]] = None):
@@ -374,16 +295,14 @@ if _DIFFUSERS_ERROR is None:
             cfg = self.config
             T = cfg.num_train_timesteps
             if self.custom_timesteps or self.num_inference_steps:
-                lookup = [int(v) for v in self.timesteps.cpu().tolist()]
-                prev = previous_timesteps(torch.tensor(lookup, dtype=torch.int64), T)
-            else:
-                lookup = list(range(T - 1, -1, -1))
-                prev = torch.arange(T, dtype=torch.int64) - 1
+                timesteps = [int(v) for v in self.timesteps.cpu().tolist()]
+            else:                       # before set_timesteps diffusers steps t → t − 1
+                timesteps = list(range(T - 1, -1, -1))
             return _build_coefficients(
-                self._fused_abar, self._fused_schedule, method="ddpm", prev=prev,
-                lookup=lookup, prediction_type=cfg.prediction_type,
-                variance_type=cfg.variance_type, clip_sample=cfg.clip_sample,
-                clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
+                self._fused_schedule, timesteps, method="ddpm",
+                prediction_type=cfg.prediction_type, variance_type=cfg.variance_type,
+                clip_sample=cfg.clip_sample, clip_sample_range=cfg.clip_sample_range,
+                thresholding=cfg.thresholding,
                 dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
                 sample_max_value=cfg.sample_max_value)
 
@@ -400,16 +319,19 @@ if _DIFFUSERS_ERROR is None:
                     "diffusers' DDPMScheduler takes the square root of log(beta_t) < 0 there "
                     "and returns NaN for every step with t > 0. Use 'fixed_large' (or "
                     "'learned_range' for GLIDE-style models).")
-            coeffs = self.fused_coefficients(sample.device)
-            t, host = self._host_timestep(timestep, sample)
-            if host is None or any(v > 0 for v in host):
-                noise, seeds = self._draw_noise(generator, sample, model_output)
+            coeffs = self._fused_cache.get(None)
+            if type(coeffs) is not StepCoefficients:
+                coeffs = self.fused_coefficients()
+            t, noisy = self._host_timestep(timestep, sample)
+            if noisy is False:
+                noise, seeds = self._no_noise()
             else:
-                noise, seeds = self._no_noise(sample)
+                noise, seeds = self._draw_noise(generator, sample, model_output)
             prev_sample, x0 = self._fused_step(model_output, t, sample, coeffs, noise, seeds)
             if not return_dict:
                 return (prev_sample, x0)
-            return DDPMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+            return _output(DDPMSchedulerOutput, prev_sample=prev_sample,
+                           pred_original_sample=x0)
 
     class FusedDDIMScheduler(_FusedStepMixin, _DDIMScheduler):
         """diffusers' ``DDIMScheduler`` with the fused step (see the module docstring).
@@ -443,12 +365,6 @@ if _DIFFUSERS_ERROR is None:
                 timestep_spacing=timestep_spacing, rescale_betas_zero_snr=rescale_betas_zero_snr)
             self._fused_init(noise, backend)
 
-        @classmethod
-        def from_config(cls, config=None, return_unused_kwargs=False, **kwargs):
-            noise, backend = cls._split_fused_kwargs(kwargs)
-            res = super().from_config(config, return_unused_kwargs=return_unused_kwargs, **kwargs)
-            return cls._apply_fused_kwargs(res, return_unused_kwargs, noise, backend)
-
         def set_timesteps(self, num_inference_steps: int,
                           device: Union[str, torch.device, None] = None):
             super().set_timesteps(num_inference_steps, device=device)
@@ -457,23 +373,15 @@ if _DIFFUSERS_ERROR is None:
         def _fused_coefficients(self, key) -> StepCoefficients:
             eta, ucmo = key
             cfg = self.config
-            T = cfg.num_train_timesteps
-            ratio = T // self.num_inference_steps
-            prev = torch.arange(T, dtype=torch.int64) - ratio      # diffusers: t − T // n
-            prev = torch.where(prev >= 0, prev, torch.full_like(prev, -1))
-            listed = [int(v) for v in self.timesteps.cpu().tolist()]
-            # The reference backend steps to the largest listed timestep below t: list the
-            # t − T//n values too, so it lands where diffusers does.
-            lookup = sorted(set(listed) | {v - ratio for v in listed if v - ratio >= 0},
-                            reverse=True)
             return _build_coefficients(
-                self._fused_abar, self._fused_schedule, method="ddim", prev=prev,
-                lookup=lookup, prediction_type=cfg.prediction_type,
+                self._fused_schedule, [int(v) for v in self.timesteps.cpu().tolist()],
+                method="ddim", prediction_type=cfg.prediction_type,
                 variance_type="fixed_small", clip_sample=cfg.clip_sample,
                 clip_sample_range=cfg.clip_sample_range, thresholding=cfg.thresholding,
                 dynamic_thresholding_ratio=cfg.dynamic_thresholding_ratio,
                 sample_max_value=cfg.sample_max_value, eta=eta,
-                use_clipped_model_output=ucmo, set_alpha_to_one=cfg.set_alpha_to_one)
+                use_clipped_model_output=ucmo, set_alpha_to_one=cfg.set_alpha_to_one,
+                step_gap=cfg.num_train_timesteps // self.num_inference_steps)  # t − T // n
 
         def step(self, model_output: Tensor, timestep, sample: Tensor, eta: float = 0.0,
                  use_clipped_model_output: bool = False, generator=None,
@@ -486,7 +394,7 @@ if _DIFFUSERS_ERROR is None:
                 raise ValueError("Number of inference steps is 'None', you need to run "
                                  "'set_timesteps' after creating the scheduler")
             eta = float(eta)
-            coeffs = self.fused_coefficients(sample.device, (eta, bool(use_clipped_model_output)))
+            coeffs = self.fused_coefficients(None, (eta, bool(use_clipped_model_output)))
             t, _ = self._host_timestep(timestep, sample)
             if eta > 0:
                 if variance_noise is not None and generator is not None:
@@ -498,11 +406,12 @@ if _DIFFUSERS_ERROR is None:
                 else:
                     noise, seeds = self._draw_noise(generator, sample, model_output)
             else:
-                noise, seeds = self._no_noise(sample)
+                noise, seeds = self._no_noise()
             prev_sample, x0 = self._fused_step(model_output, t, sample, coeffs, noise, seeds)
             if not return_dict:
                 return (prev_sample, x0)
-            return DDIMSchedulerOutput(prev_sample=prev_sample, pred_original_sample=x0)
+            return _output(DDIMSchedulerOutput, prev_sample=prev_sample,
+                           pred_original_sample=x0)
 
 else:
     class _MissingDiffusers(type):

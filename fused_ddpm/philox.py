@@ -1,13 +1,14 @@
-"""Pure-PyTorch Philox4x32-10 and the in-kernel noise spec (DESIGN.md §3): the oracle.
+"""Pure-PyTorch Philox4x32-10 and the in-kernel noise spec : the oracle.
 
 The kernels (Triton, CUDA, C++) generate noise in-kernel; this module computes the same
 stream with plain int64 torch ops so tests can check them element by element.
 
-Spec, for sample b with int64 seed k and timestep t, element with *logical* (row-major,
-memory-format independent) index i within the sample:
+Spec (``docs/kernels.md``, "Noise"), for sample b with int64 seed k, row index t (the
+timestep, or the step position) and stream word w (:class:`fused_ddpm.contract.NoiseStream`),
+element with *logical* (row-major, memory-format independent) index i within the sample:
 
 * key     = (k mod 2³², ⌊k / 2³²⌋ mod 2³²)           (two's complement bits of k)
-* counter = (⌊i/4⌋ mod 2³², ⌊i/4⌋ / 2³², t mod 2³², 0)
+* counter = (⌊i/4⌋ mod 2³², ⌊i/4⌋ / 2³², t mod 2³², w)
 * (o0, o1, o2, o3) = Philox4x32-10(counter, key)
 * uniforms  uⱼ = ((oⱼ >> 8) + ½) · 2⁻²⁴   ∈ (0, 1), exact in float32
 * normals   (Box–Muller, float32):  ρ₀ = √(−2 ln u₀), θ₀ = 2π·u₁ →
@@ -65,10 +66,12 @@ def box_muller(u0: torch.Tensor, u1: torch.Tensor):
     return rho * torch.cos(theta), rho * torch.sin(theta)
 
 
-def philox_uint32(seeds: torch.Tensor, timesteps: torch.Tensor, numel: int) -> torch.Tensor:
+def philox_uint32(seeds: torch.Tensor, timesteps: torch.Tensor, numel: int,
+                  stream: int = 0) -> torch.Tensor:
     """The raw stream: int64 ``[B, numel]`` of uint32 values, element i taking output i mod 4.
 
-    ``seeds``, ``timesteps``: int64 ``[B]``; computed on the seeds' device.
+    ``seeds``, ``timesteps``: int64 ``[B]``; ``stream``: the counter's fourth word (a
+    :class:`~fused_ddpm.contract.NoiseStream`); computed on the seeds' device.
     """
     seeds = torch.as_tensor(seeds).to(torch.int64).reshape(-1, 1)
     timesteps = torch.as_tensor(timesteps).to(device=seeds.device, dtype=torch.int64).reshape(-1, 1)
@@ -76,16 +79,18 @@ def philox_uint32(seeds: torch.Tensor, timesteps: torch.Tensor, numel: int) -> t
     g = i // 4
     k0, k1 = seeds & MASK32, (seeds >> 32) & MASK32
     zero = torch.zeros_like(g)
-    outs = philox4x32_10(g & MASK32, (g >> 32) & MASK32, (timesteps & MASK32) + zero, zero, k0, k1)
+    word = zero + (int(stream) & MASK32)
+    outs = philox4x32_10(g & MASK32, (g >> 32) & MASK32, (timesteps & MASK32) + zero, word, k0, k1)
     stacked = torch.stack(torch.broadcast_tensors(*outs), dim=-1)          # [B, numel, 4]
     return torch.gather(stacked, -1, (i % 4).expand(stacked.shape[0], -1).unsqueeze(-1))[..., 0]
 
 
 def philox_normal(seeds: torch.Tensor, timesteps: torch.Tensor, shape, *,
-                  channels_last: bool = False) -> torch.Tensor:
+                  channels_last: bool = False, stream: int = 0) -> torch.Tensor:
     """In-kernel noise for a batch: float32 ``shape`` = [B, ...] on the seeds' device.
 
-    ``seeds``/``timesteps``: int64 ``[B]`` (or scalars, expanded). The logical index is the
+    ``seeds``/``timesteps``: int64 ``[B]`` (or scalars, expanded); ``stream``: the counter's
+    fourth word. The logical index is the
     row-major index within a sample, whatever the memory format, so ``channels_last`` only
     sets the returned tensor's memory format.
     """
@@ -96,12 +101,13 @@ def philox_normal(seeds: torch.Tensor, timesteps: torch.Tensor, shape, *,
         numel *= s
     seeds = torch.as_tensor(seeds, dtype=torch.int64).expand(B)
     timesteps = torch.as_tensor(timesteps, dtype=torch.int64).to(seeds.device).expand(B)
-    o = philox_uint32(seeds, timesteps, 4 * ((numel + 3) // 4))
-    o = o.reshape(B, -1, 4)
+    groups = (numel + 3) // 4
+    o = philox_uint32(seeds, timesteps, 4 * groups, stream)
+    o = o.reshape(B, groups, 4)
     u = uint32_to_uniform(o)
     z0, z1 = box_muller(u[..., 0], u[..., 1])
     z2, z3 = box_muller(u[..., 2], u[..., 3])
-    z = torch.stack([z0, z1, z2, z3], dim=-1).reshape(B, -1)[:, :numel].reshape(shape)
+    z = torch.stack([z0, z1, z2, z3], dim=-1).reshape(B, 4 * groups)[:, :numel].reshape(shape)
     if channels_last and len(shape) in (4, 5):
         fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
         z = z.contiguous(memory_format=fmt)

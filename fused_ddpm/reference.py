@@ -1,62 +1,123 @@
-"""The oracle: the DDPM / DDIM step in plain PyTorch, straight from the formulas.
+"""The oracle: the DDPM / DDIM step and ``add_noise`` in plain PyTorch, from the formulas.
 
-It reads only the schedule (ᾱ, float64) and the step config held by a
-:class:`~fused_ddpm.coefficients.StepCoefficients` — never its coefficient table — and
+It reads only the schedule (ᾱ, float64), the step config and the visited timesteps held by
+a :class:`~fused_ddpm.coefficients.StepCoefficients` — never its coefficient table — and
 computes x̂0, the posterior mean (DDPM) or the DDIM update, the variance and the noise term
-the textbook way. It is differentiable (plain autograd) and runs in float64 when given
-float64 inputs (float32 for lower-precision inputs; the result is cast back).
+the textbook way, always in float64 whatever the input dtype (the result is cast back).
+Its dynamic-thresholding quantile is its own (a sort and a linear interpolation). It is
+differentiable (plain autograd). Production code never calls it.
 """
 from __future__ import annotations
 
+import math
 from typing import Optional, Tuple, Union
 
 import torch
+from torch import Tensor
 
 from .coefficients import StepCoefficients
+from .contract import NoiseStream
 from .philox import philox_normal
-from .validation import check_step_inputs
+from .schedule import NoiseSchedule
+from .validation import check_step_inputs, check_tensor, normalize_seeds, normalize_t
+
+__all__ = ["ddpm_step", "add_noise", "dynamic_threshold_scale", "prev_timestep"]
+
+F64 = torch.float64
 
 
-def _per_sample(values: torch.Tensor, idx: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    """values[idx] shaped [B, 1, 1, ...] to broadcast against ``like``, in like's dtype/device."""
-    v = values.to(like.device)[idx.to(like.device)]
-    return v.to(like.dtype).reshape(-1, *([1] * (like.dim() - 1)))
+def _per_sample(values: Tensor, idx: Tensor, like: Tensor) -> Tensor:
+    """values[idx] shaped [B, 1, 1, ...] to broadcast against ``like`` (float64)."""
+    v = values.to(like.device, F64)[idx.to(like.device)]
+    return v.reshape(-1, *([1] * (like.dim() - 1)))
 
 
-def prev_timestep(coeffs: StepCoefficients, t: torch.Tensor) -> torch.Tensor:
-    """The scheduled timestep below each t (−1 at the end), found in the timestep list."""
+def prev_timestep(coeffs: StepCoefficients, t: Tensor) -> Tensor:
+    """The timestep each t steps to (−1 at the end): t − step_gap when the coefficients
+    use diffusers' DDIM rule, else the next scheduled timestep below t."""
+    if coeffs.step_gap is not None:
+        prev = t - coeffs.step_gap
+        return torch.where(prev >= 0, prev, torch.full_like(prev, -1))
     ts = coeffs.timesteps.to(t.device)
-    lower = torch.where(ts.unsqueeze(0) < t.reshape(-1, 1), ts.unsqueeze(0), torch.full_like(ts, -1))
+    lower = torch.where(ts.unsqueeze(0) < t.reshape(-1, 1), ts.unsqueeze(0),
+                        torch.full_like(ts, -1))
     return lower.max(dim=1).values
 
 
-def dynamic_threshold_scale(x0: torch.Tensor, ratio: float, max_value: float) -> torch.Tensor:
-    """Imagen's per-sample scale s: the ``ratio`` quantile of |x̂0| over each sample,
-    clamped to [1, max_value]. ``x0``: [B, ...]; returns float32/64 ``[B]``."""
-    flat = x0.detach().reshape(x0.shape[0], -1)
-    if flat.dtype not in (torch.float32, torch.float64):
-        flat = flat.float()
-    s = torch.quantile(flat.abs(), ratio, dim=1)
-    return s.clamp(min=1.0, max=max_value)
+def dynamic_threshold_scale(x0: Tensor, ratio: float, max_value: float) -> Tensor:
+    """Imagen's per-sample scale s: the ``ratio`` quantile of |x̂0| over each sample (the
+    sorted values, linearly interpolated at position ratio·(N − 1)), clamped to
+    [1, max_value]; NaN in a sample gives NaN. ``x0``: [B, ...]; returns float64 ``[B]``."""
+    flat = x0.detach().reshape(x0.shape[0], -1).to(F64).abs()
+    n = flat.shape[1]
+    ordered = torch.sort(flat, dim=1).values
+    pos = ratio * (n - 1)
+    lo = int(math.floor(pos))
+    hi = min(lo + 1, n - 1)
+    frac = pos - lo
+    q = ordered[:, lo] * (1 - frac) + ordered[:, hi] * frac
+    q = torch.where(torch.isnan(flat).any(dim=1), torch.full_like(q, math.nan), q)
+    return q.clamp(min=1.0, max=max_value)
 
 
-def ddpm_step(x_t: torch.Tensor,
-              model_output: torch.Tensor,
-              t: Union[int, torch.Tensor],
+def _x0_and_eps(prediction_type: str, x: Tensor, m: Tensor, ab: Tensor) -> Tuple[Tensor, Tensor]:
+    """x̂0 and ε̂ from the model output m (forward process x_t = √ᾱ x0 + √(1−ᾱ) ε)."""
+    if prediction_type == "epsilon":
+        return (x - (1 - ab).sqrt() * m) / ab.sqrt(), m
+    if prediction_type == "sample":
+        return m, (x - ab.sqrt() * m) / (1 - ab).sqrt()
+    if prediction_type == "v_prediction":        # v = √ᾱ ε − √(1−ᾱ) x0
+        return ab.sqrt() * x - (1 - ab).sqrt() * m, ab.sqrt() * m + (1 - ab).sqrt() * x
+    raise ValueError(f"prediction_type={prediction_type!r} is not supported")
+
+
+def _ddpm_sigma(variance_type: str, v: Optional[Tensor], beta_t: Tensor,
+                var_small: Tensor) -> Tensor:
+    """σ of a DDPM step (before the t > 0 gate); v: the model's variance channels."""
+    if variance_type == "fixed_small":
+        return var_small.sqrt()
+    if variance_type == "fixed_small_log":
+        return torch.exp(0.5 * torch.log(var_small))
+    if variance_type == "fixed_large":
+        return beta_t.sqrt()
+    if variance_type == "learned":               # v = σ² (diffusers)
+        return v.sqrt()
+    if variance_type == "learned_range":         # log σ² between log β̃ and log β
+        frac = (v + 1) / 2
+        return torch.exp(0.5 * (frac * torch.log(beta_t) + (1 - frac) * torch.log(var_small)))
+    if variance_type == "learned_log":           # v = log σ² (improved-diffusion LEARNED)
+        return torch.exp(0.5 * v)
+    raise ValueError(f"variance_type={variance_type!r} is not supported")
+
+
+def _noise(noise, seeds, t, shape, like: Tensor, generator) -> Tensor:
+    if noise is not None:
+        return noise.to(F64)
+    if seeds is not None:
+        z = philox_normal(seeds, t, shape, stream=NoiseStream.TIMESTEP)
+        return z.to(device=like.device, dtype=F64)
+    z = torch.randn(shape, generator=generator, dtype=torch.float32,
+                    device=generator.device if generator is not None else like.device)
+    return z.to(device=like.device, dtype=F64)
+
+
+def ddpm_step(x_t: Tensor,
+              model_output: Tensor,
+              t: Union[int, Tensor],
               coeffs: StepCoefficients,
-              noise: Optional[torch.Tensor] = None,
-              seeds: Union[None, int, torch.Tensor] = None,
+              noise: Optional[Tensor] = None,
+              seeds: Union[None, int, Tensor] = None,
               return_x0: bool = False,
               generator: Optional[torch.Generator] = None,
-              ) -> Union[torch.Tensor, Tuple[torch.Tensor, torch.Tensor]]:
-    """One reverse step x_t → x_{t′} computed from the formulas.
+              ) -> Union[Tensor, Tuple[Tensor, Tensor]]:
+    """One reverse step x_t → x_{t′} computed from the formulas, in float64.
 
     Args:
         x_t: sample, floating ``[B, C, ...]``.
         model_output: ``[B, C, ...]``, or ``[B, 2C, ...]`` for learned variances (second half v).
         t: the current timestep (int, or int tensor ``[B]`` / ``[]``); steps to the next
             scheduled timestep below t.
-        coeffs: supplies the schedule and the step config.
+        coeffs: supplies the schedule, the step config and the visited timesteps.
         noise: z, shape of ``x_t``. Else ``seeds`` (int or int64 ``[B]``) for the in-kernel
             Philox stream, else z ~ N(0, 1) from ``generator`` (torch's default if None).
         return_x0: also return x̂0 (after clipping/thresholding, as diffusers does).
@@ -66,10 +127,8 @@ def ddpm_step(x_t: torch.Tensor,
     """
     cfg = coeffs.config
     t, seeds = check_step_inputs(x_t, model_output, t, coeffs, noise=noise, seeds=seeds)
-    out_dtype = x_t.dtype
-    cdt = torch.float64 if x_t.dtype == torch.float64 else torch.float32
-    x = x_t.to(cdt)
-    m = model_output.to(cdt)
+    x = x_t.to(F64)
+    m = model_output.to(F64)
     C = x.shape[1]
     v = None
     if cfg.learned_variance:
@@ -77,64 +136,86 @@ def ddpm_step(x_t: torch.Tensor,
 
     abar = coeffs.schedule.alphas_cumprod                   # float64, CPU
     tp = prev_timestep(coeffs, t)
-    final = 1.0 if (cfg.method == "ddpm" or cfg.set_alpha_to_one) else float(abar[0])
-    abar_ext = torch.cat([abar, torch.tensor([final], dtype=torch.float64)])  # index −1 → final
+    if cfg.method == "ddpm":
+        final = 1.0
+    elif cfg.method == "ddim":
+        final = 1.0 if cfg.set_alpha_to_one else float(abar[0])
+    else:
+        raise ValueError(f"method={cfg.method!r} is not supported by the reference step")
+    abar_ext = torch.cat([abar, torch.tensor([final], dtype=F64)])  # index −1 → final
     ab_t = _per_sample(abar, t, x)                          # ᾱ_t
     ab_p = _per_sample(abar_ext, tp, x)                     # ᾱ_t′
     alpha_t = ab_t / ab_p
     beta_t = 1 - alpha_t
 
-    # x̂0 from the prediction type (forward process x_t = √ᾱ x0 + √(1−ᾱ) ε).
-    if cfg.prediction_type == "epsilon":
-        x0 = (x - (1 - ab_t).sqrt() * m) / ab_t.sqrt()
-        eps = m
-    elif cfg.prediction_type == "sample":
-        x0 = m
-        eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
-    else:  # v = √ᾱ ε − √(1−ᾱ) x0
-        x0 = ab_t.sqrt() * x - (1 - ab_t).sqrt() * m
-        eps = ab_t.sqrt() * m + (1 - ab_t).sqrt() * x
-
+    x0, eps = _x0_and_eps(cfg.prediction_type, x, m, ab_t)
     if cfg.thresholding:
         s = dynamic_threshold_scale(x0, cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
-        s = s.to(cdt).reshape(-1, *([1] * (x.dim() - 1)))
+        s = s.reshape(-1, *([1] * (x.dim() - 1)))
         x0 = torch.maximum(torch.minimum(x0, s), -s) / s
     elif cfg.clip_sample_range is not None:
         x0 = x0.clamp(-cfg.clip_sample_range, cfg.clip_sample_range)
 
     if cfg.method == "ddpm":
         # Posterior mean μ̃(x_t, x̂0) of q(x_{t′} | x_t, x0).
-        mean = (ab_p.sqrt() * beta_t / (1 - ab_t)) * x0 + (alpha_t.sqrt() * (1 - ab_p) / (1 - ab_t)) * x
+        mean = ((ab_p.sqrt() * beta_t / (1 - ab_t)) * x0
+                + (alpha_t.sqrt() * (1 - ab_p) / (1 - ab_t)) * x)
         var_small = (beta_t * (1 - ab_p) / (1 - ab_t)).clamp(min=1e-20)
-        vt = cfg.variance_type
-        if vt == "fixed_small":
-            sigma = var_small.sqrt()
-        elif vt == "fixed_small_log":
-            sigma = torch.exp(0.5 * torch.log(var_small))
-        elif vt == "fixed_large":
-            sigma = beta_t.sqrt()
-        elif vt == "learned":
-            sigma = v.sqrt()
-        else:  # learned_range: interpolate log-variance between β̃ and β
-            frac = (v + 1) / 2
-            sigma = torch.exp(0.5 * (frac * torch.log(beta_t) + (1 - frac) * torch.log(var_small)))
-        sigma = sigma * (t.to(x.device) > 0).to(cdt).reshape(-1, *([1] * (x.dim() - 1)))
-    else:
+        sigma = _ddpm_sigma(cfg.variance_type, v, beta_t, var_small)
+        sigma = sigma * (t.to(x.device) > 0).to(F64).reshape(-1, *([1] * (x.dim() - 1)))
+    else:  # ddim (checked above); a learned variance half is not used
         var = (1 - ab_p) / (1 - ab_t) * (1 - ab_t / ab_p)
         sigma = cfg.eta * var.clamp(min=0).sqrt()
         if cfg.use_clipped_model_output:
             eps = (x - ab_t.sqrt() * x0) / (1 - ab_t).sqrt()
         mean = ab_p.sqrt() * x0 + (1 - ab_p - sigma ** 2).clamp(min=0).sqrt() * eps
 
-    if noise is not None:
-        z = noise.to(cdt)
-    elif seeds is not None:
-        z = philox_normal(seeds, t, x.shape).to(device=x.device, dtype=cdt)
-    else:
-        z = torch.randn(x.shape, generator=generator, dtype=torch.float32,
-                        device=generator.device if generator is not None else x.device)
-        z = z.to(device=x.device, dtype=cdt)
-    y = (mean + sigma * z).to(out_dtype)
+    z = _noise(noise, seeds, t, x.shape, x, generator)
+    y = (mean + sigma * z).to(x_t.dtype)
     if return_x0:
-        return y, x0.to(out_dtype)
+        return y, x0.to(x_t.dtype)
     return y
+
+
+def add_noise(x0: Tensor,
+              t: Union[int, Tensor],
+              schedule: NoiseSchedule,
+              noise: Optional[Tensor] = None,
+              seeds: Union[None, int, Tensor] = None,
+              prediction_type: str = "epsilon",
+              generator: Optional[torch.Generator] = None) -> Tuple[Tensor, Tensor]:
+    """The forward process and the training target, from the formulas, in float64:
+    x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε, target ε (``"epsilon"``), x0 (``"sample"``) or
+    v = √ᾱ_t ε − √(1−ᾱ_t) x0 (``"v_prediction"``). ε is ``noise``, else the Philox noise of
+    ``seeds`` at row t (stream TIMESTEP), else drawn from ``generator``. Returns
+    (x_t, target) in x0's dtype."""
+    if not isinstance(schedule, NoiseSchedule):
+        raise TypeError(f"schedule must be a fused_ddpm.NoiseSchedule, got "
+                        f"{type(schedule).__name__}")
+    check_tensor("x0", x0)
+    if x0.dim() < 2:
+        raise ValueError(f"x0 must have shape [B, C, ...], got {list(x0.shape)}")
+    if noise is not None:
+        if seeds is not None:
+            raise ValueError("pass either noise or seeds, not both")
+        check_tensor("noise", noise)
+        if noise.shape != x0.shape:
+            raise ValueError(f"noise must have the shape of x0 {list(x0.shape)}, got "
+                             f"{list(noise.shape)}")
+    B = x0.shape[0]
+    t = normalize_t(t, B, x0.device, schedule.num_train_timesteps)
+    if seeds is not None:
+        seeds = normalize_seeds(seeds, B, x0.device)
+    x = x0.to(F64)
+    ab = _per_sample(schedule.alphas_cumprod, t, x)
+    eps = _noise(noise, seeds, t, x.shape, x, generator)
+    x_t = ab.sqrt() * x + (1 - ab).sqrt() * eps
+    if prediction_type == "epsilon":
+        target = eps
+    elif prediction_type == "sample":
+        target = x
+    elif prediction_type == "v_prediction":
+        target = ab.sqrt() * eps - (1 - ab).sqrt() * x
+    else:
+        raise ValueError(f"prediction_type={prediction_type!r} is not supported")
+    return x_t.to(x0.dtype), target.to(x0.dtype)

@@ -6,100 +6,76 @@ step at every timestep of ``coeffs.timesteps`` (descending), calling
 
 Noise rule (reproducible, batch independent). Sample b with int64 seed k_b:
 
-* x_T is the in-kernel Philox noise of seed k_b at the counter word **t = T**
-  (``num_train_timesteps``, a value no step uses), i.e. exactly
-  ``fused_ddpm.philox.philox_normal(seeds, T, shape)``;
-* the step at timestep t adds the in-kernel noise of seed k_b at counter word t
-  (DESIGN.md §3).
+* x_T is the in-kernel Philox noise of seed k_b at row **t = T**
+  (``num_train_timesteps``, a row no step uses), stream TIMESTEP, i.e. exactly
+  ``fused_ddpm.philox.philox_normal(seeds, T, shape)``, written by the backend's
+  ``philox_normal`` kernel;
+* the step at timestep t adds the in-kernel noise of seed k_b at row t.
 
 So a sample's whole trajectory is a function of its own seed only: the same seeds give the
-same samples on every backend, run and batch split. x_T is produced by the fused kernel
-itself (a one-row "σ = 1" table with T + 1 rows), so in a CUDA graph fresh seeds written
-into the seeds buffer give fresh x_T and fresh step noise on replay.
+same samples on every backend, run and batch split. In a CUDA graph, fresh seeds written
+into the seeds buffer give a fresh x_T and fresh step noise on replay.
 
 ``cuda_graph=True`` captures x_T generation plus every model call and step of the loop in
 one CUDA graph (after a warm-up of the model and the step on a side stream), caches it per
-(model, shape, dtype, device, coeffs, backend) and replays it; the seeds live in a static
-device buffer that is overwritten before each replay. The graph reads the model's parameter
-*storage*: in-place weight updates are seen, replaced parameter tensors are not (call
-:func:`clear_graph_cache`).
+(model, shape, dtype, device, coeffs, backend) — at most :data:`MAX_GRAPHS`, the oldest
+dropped first — and replays it; the seeds live in a static device buffer that is
+overwritten before each replay. The graph reads the model's parameter *storage*: in-place
+weight updates are seen, replaced parameter tensors are not (call :func:`clear_graph_cache`).
 """
 from __future__ import annotations
 
 import sys
 import weakref
+from collections import OrderedDict
 from dataclasses import dataclass
-from typing import Callable, Dict, Optional, Tuple, Union
+from typing import Callable, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
+from . import ops
 from .backends import resolve
-from .coefficients import COL_SIGMA, NUM_COLS, StepCoefficients, StepConfig
-from .philox import philox_normal
-from .schedule import NoiseSchedule
+from .coefficients import StepCoefficients
+from .contract import NoiseStream
 from .step import ddpm_step, draw_seeds
 from .validation import normalize_seeds
 
-__all__ = ["sample", "initial_noise", "clear_graph_cache"]
+__all__ = ["sample", "initial_noise", "clear_graph_cache", "MAX_GRAPHS"]
 
 Model = Callable[[Tensor, Tensor], Tensor]
 
+#: captured sampling graphs kept (each holds its own memory pool)
+MAX_GRAPHS = 8
+
 
 # ----------------------------------------------------------------------------- x_T
-_INIT_COEFFS: Dict[Tuple[int, str], StepCoefficients] = {}
-
-
-def _init_coefficients(T: int, device: torch.device) -> StepCoefficients:
-    """A T+1-row table whose every row is y = 1·z (u=w=p=q=r=0, σ=1): the fused kernel then
-    writes its in-kernel noise for counter word t = T."""
-    key = (T, str(device))
-    if key not in _INIT_COEFFS:
-        sched = NoiseSchedule(num_train_timesteps=T + 1, trained_betas=[0.5] * (T + 1))
-        table64 = torch.zeros(T + 1, NUM_COLS, dtype=torch.float64)
-        table64[:, COL_SIGMA] = 1.0
-        ts = torch.arange(T, -1, -1, dtype=torch.int64)
-        _INIT_COEFFS[key] = StepCoefficients(
-            sched, StepConfig(), ts, ts - 1, table64,
-            table64.to(device=device, dtype=torch.float32))
-    return _INIT_COEFFS[key]
-
-
 def initial_noise(seeds: Union[int, Tensor], shape, T: int, *, device=None,
                   dtype: torch.dtype = torch.float32, backend: str = "auto",
                   out: Optional[Tensor] = None) -> Tensor:
-    """x_T for per-sample ``seeds``: ``philox_normal(seeds, T, shape)``, made on the device
-    by the fused kernel (no host sync), or by the Philox oracle when no kernel takes
-    ``dtype`` on ``device``."""
+    """x_T for per-sample ``seeds``: ``philox_normal(seeds, T, shape)``, written on the
+    device by the backend's ``philox_normal`` kernel (no host sync)."""
     device = torch.device(device) if device is not None else (
         seeds.device if isinstance(seeds, Tensor) else torch.device("cpu"))
     shape = tuple(shape)
     seeds = normalize_seeds(seeds, shape[0], device)
-    if resolve(backend, device, dtype) == "reference":
-        x = philox_normal(seeds, torch.full((shape[0],), T, dtype=torch.int64), shape)
-        x = x.to(device=device, dtype=dtype)
-        return out.copy_(x) if out is not None else x
-    coeffs = _init_coefficients(T, device)
-    zeros = torch.zeros((), dtype=dtype, device=device).expand(shape)
+    name = resolve(backend, device, dtype)
     if out is None:
         out = torch.empty(shape, dtype=dtype, device=device)
-    t = torch.full((), T, dtype=torch.int64, device=device).expand(shape[0])
-    return ddpm_step(zeros, zeros, t, coeffs, seeds=seeds, out=out, backend=backend)
+    t = torch.full((shape[0],), T, dtype=torch.int64, device=device)
+    ops.philox_normal(seeds, t, int(NoiseStream.TIMESTEP), name, out)
+    return out
 
 
 # ----------------------------------------------------------------------------- loop
-_DEVICE_TIMESTEPS: "weakref.WeakKeyDictionary[StepCoefficients, Dict[str, Tensor]]" = \
-    weakref.WeakKeyDictionary()
-
-
 def _timestep_rows(coeffs: StepCoefficients, device: torch.device, batch: int) -> Tensor:
-    """int64 ``[n, B]`` on the device, row i = the i-th timestep for every sample. The
-    host→device copy of the timestep list happens once per (coeffs, device)."""
-    per = _DEVICE_TIMESTEPS.setdefault(coeffs, {})
-    key = str(device)
-    if key not in per:
-        per[key] = coeffs.timesteps.to(device)
-    return per[key][:, None].expand(-1, batch).contiguous()
+    """int64 ``[n, B]`` on the device, row i = the row of the i-th step for every sample
+    (the timestep itself for tables indexed by timestep, which is also what the model is
+    given). The host→device copy happens once per (coeffs, device)."""
+    if coeffs.index_by != "timestep":
+        raise ValueError(f"fused_ddpm.sample runs tables indexed by timestep, not "
+                         f"{coeffs.index_by!r}")
+    return coeffs.visited_rows_on(device)[:, None].expand(-1, batch).contiguous()
 
 
 def _progress(iterable, enabled: bool, total: int):
@@ -137,20 +113,6 @@ def _run_loop(model: Model, coeffs: StepCoefficients, t_rows: Tensor, seeds: Ten
             traj[i + 1].copy_(y)
         x = y
     return x
-
-
-_COEFFS_ON: "weakref.WeakKeyDictionary[StepCoefficients, Dict[str, StepCoefficients]]" = \
-    weakref.WeakKeyDictionary()
-
-
-def _coeffs_on(coeffs: StepCoefficients, device: torch.device) -> StepCoefficients:
-    """``coeffs`` with its table on ``device`` (copied once per device, then reused)."""
-    if coeffs.device == device:
-        return coeffs
-    per = _COEFFS_ON.setdefault(coeffs, {})
-    if str(device) not in per:
-        per[str(device)] = coeffs.to(device)
-    return per[str(device)]
 
 
 @torch.no_grad()
@@ -214,7 +176,6 @@ def sample(model: Model,
         return _sample_graphed(model, shape, coeffs, seeds_t, device, dtype,
                                return_trajectory, backend, x_T)
     t_rows = _timestep_rows(coeffs, device, B)
-    coeffs = _coeffs_on(coeffs, device)
     bufs = (torch.empty(shape, dtype=dtype, device=device),
             torch.empty(shape, dtype=dtype, device=device))
     traj = (torch.empty((t_rows.shape[0] + 1,) + shape, dtype=dtype, device=device)
@@ -235,7 +196,7 @@ class _Graph:
     coeffs: StepCoefficients     # kept alive: its id() is part of the cache key
 
 
-_GRAPHS: Dict[tuple, _Graph] = {}
+_GRAPHS: "OrderedDict[tuple, _Graph]" = OrderedDict()
 
 
 def clear_graph_cache() -> None:
@@ -265,6 +226,8 @@ def _sample_graphed(model, shape, coeffs, seeds, device, dtype, return_trajector
         entry = _capture(model, shape, coeffs, device, dtype, return_trajectory, backend,
                          x_T is not None)
         entry.coeffs = coeffs_in
+        while len(_GRAPHS) >= MAX_GRAPHS:
+            _GRAPHS.popitem(last=False)
         _GRAPHS[key] = entry
     entry.seeds.copy_(seeds)
     if x_T is not None:
@@ -277,14 +240,10 @@ def _sample_graphed(model, shape, coeffs, seeds, device, dtype, return_trajector
 
 
 def _capture(model, shape, coeffs, device, dtype, return_trajectory, backend, with_x_T):
-    if resolve(backend, device, dtype) == "reference":
-        raise RuntimeError("cuda_graph=True needs a fused kernel backend (cuda or triton) for "
-                           f"{dtype} on {device}; the PyTorch reference backend syncs with the "
-                           "host and cannot be captured")
     B = shape[0]
     T = coeffs.num_train_timesteps
     t_rows = _timestep_rows(coeffs, device, B)
-    coeffs = _coeffs_on(coeffs, device)
+    coeffs.table_on(device, torch.float64 if dtype == torch.float64 else torch.float32)
     seeds = torch.zeros(B, dtype=torch.int64, device=device)
     x_T = torch.zeros(shape, dtype=dtype, device=device) if with_x_T else None
     bufs = (torch.empty(shape, dtype=dtype, device=device),

@@ -98,9 +98,11 @@ class NoiseSchedule:
                 betas = _alpha_bar_betas(T, _cosine_alpha_bar)
             elif self.beta_schedule == "laplace":
                 betas = _alpha_bar_betas(T, _laplace_alpha_bar)
-            else:  # sigmoid (GeoDiff)
+            elif self.beta_schedule == "sigmoid":  # GeoDiff
                 s = torch.sigmoid(torch.linspace(-6.0, 6.0, T, dtype=torch.float64))
                 betas = s * (self.beta_end - self.beta_start) + self.beta_start
+            else:  # pragma: no cover - _check_choice guards this
+                raise AssertionError(self.beta_schedule)
         if self.rescale_betas_zero_snr:
             betas = rescale_zero_terminal_snr(betas)
         if not bool(torch.all((betas >= 0) & (betas <= 1))):
@@ -128,7 +130,8 @@ def inference_timesteps(num_train_timesteps: int,
     if timesteps is not None:
         if num_inference_steps is not None:
             raise ValueError("pass either num_inference_steps or timesteps, not both")
-        ts = [int(v) for v in timesteps]
+        ts = [int(v) for v in (timesteps.tolist() if isinstance(timesteps, torch.Tensor)
+                               else timesteps)]
         if len(ts) == 0:
             raise ValueError("timesteps must not be empty")
         if any(b >= a for a, b in zip(ts, ts[1:])):
@@ -147,9 +150,11 @@ def inference_timesteps(num_train_timesteps: int,
         ts = torch.linspace(0, T - 1, n, dtype=torch.float64).round().flip(0)
     elif timestep_spacing == "leading":
         ts = (torch.arange(n, dtype=torch.float64) * (T // n)).round().flip(0) + steps_offset
-    else:  # trailing
+    elif timestep_spacing == "trailing":
         ratio = T / n
         ts = torch.tensor([round(T - i * ratio) for i in range(n)], dtype=torch.float64) - 1
+    else:  # pragma: no cover - _check_choice guards this
+        raise AssertionError(timestep_spacing)
     ts = ts.to(torch.int64)
     if int(ts.max()) >= T or int(ts.min()) < 0:
         raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {T})")

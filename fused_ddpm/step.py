@@ -1,17 +1,40 @@
-"""The user-facing fused step: :func:`ddpm_step` and :class:`DDPMStepFunction`."""
+"""The user-facing fused step: :func:`ddpm_step` and :class:`DDPMStepFunction`.
+
+A call is validated once per *kind* of call: the first call with given coefficients,
+shapes, strides, dtypes, devices, noise source, timestep kind and backend builds a
+:class:`Prepared` launch (every check a bad input can fail runs here), and later calls of
+the same kind go straight to the launch. Only what a value can get wrong is checked per
+call (an int timestep's range, an int seed's size, a CPU timestep tensor's range, ``out``
+overlapping an input).
+
+Lists here are indexed with ``int(Flag.X)`` rather than ``Flag.X``: torch.compile (2.13)
+traces this module and fails on a list indexed by an IntEnum.
+"""
 from __future__ import annotations
 
-from typing import Optional, Tuple, Union
+import os
+from typing import Any, Dict, List, Optional, Tuple, Union
 
 import torch
 from torch import Tensor
 
-from . import ops, reference
+from . import ops
+from .backends import get as get_backend
 from .backends import resolve
-from .coefficients import CLIP_DYNAMIC, COL_U, COL_W, StepCoefficients
-from .validation import check_step_inputs
+from .coefficients import StepCoefficients
+from .contract import NUM_FLAGS, NUM_IN, NUM_SCALARS, Clip, Flag, In, Layout, Noise, Scalar, Var
+from .layout import empty_in_layout, is_sample_dense, layout_of, to_layout
+from .thresholding import step_threshold
+from .validation import (check_out, check_step_inputs, normalize_seeds, normalize_t,
+                         out_overlaps)
+
+__all__ = ["ddpm_step", "DDPMStepFunction", "draw_seeds", "Prepared", "SEED_HIGH"]
 
 SEED_HIGH = 2 ** 63 - 1
+_X, _M, _Z = int(In.X), int(In.M), int(In.Z)
+_ENV = os.environ
+#: prepared launches kept per StepCoefficients (oldest dropped first)
+MAX_PREPARED = 64
 
 
 def draw_seeds(batch: int, device: torch.device,
@@ -23,38 +46,213 @@ def draw_seeds(batch: int, device: torch.device,
                          generator=generator).to(device)
 
 
-def threshold_scale(x: Tensor, model_output: Tensor, t: Tensor, table: Tensor,
-                    coeffs: StepCoefficients) -> Tensor:
-    """Per-sample dynamic-thresholding scale s ``[B]`` (float32) from x̂0 = u·x + w·m.
-
-    A separate small pass before the fused step (it needs a quantile over each sample)."""
-    rows = table[t.clamp(0, table.shape[0] - 1)].float()
-    shape = (-1,) + (1,) * (x.dim() - 1)
-    m = model_output[:, :x.shape[1]]
-    x0 = rows[:, COL_U].reshape(shape) * x.float() + rows[:, COL_W].reshape(shape) * m.float()
-    cfg = coeffs.config
-    return reference.dynamic_threshold_scale(x0, cfg.dynamic_thresholding_ratio,
-                                             cfg.sample_max_value).float()
+def _sig(a: Optional[Tensor]):
+    return None if a is None else (a.shape, a.stride(), a.dtype, a.device)
 
 
-def _prepare(x_t, model_output, t, coeffs, noise, seeds, backend, generator):
-    t, seeds = check_step_inputs(x_t, model_output, t, coeffs, noise=noise, seeds=seeds)
-    name = resolve(backend, x_t.device, x_t.dtype)
-    if noise is None and seeds is None:
-        seeds = draw_seeds(x_t.shape[0], x_t.device, generator)
-    if noise is not None and noise.dtype != x_t.dtype:
-        noise = noise.to(x_t.dtype)
-    return t, seeds, noise, name
+def _value_sig(a) -> Any:
+    """What validation checked about t or seeds: the kind of value, or a tensor's metadata."""
+    if isinstance(a, Tensor):
+        return (a.shape, a.dtype, a.device)
+    return type(a)
 
 
-def _kernel_args(x_t: Tensor, model_output: Tensor, t: Tensor, coeffs: StepCoefficients):
-    """(table, thresh, clip, clip_mode, var_mode) for the ops, per docs/kernels.md."""
-    cfg = coeffs.config
-    table = coeffs.table_on(x_t.device, torch.float64 if x_t.dtype == torch.float64
-                            else torch.float32)
-    thresh = (threshold_scale(x_t, model_output, t, table, coeffs)
-              if cfg.clip_mode == CLIP_DYNAMIC else None)
-    return table, thresh, float(cfg.clip_sample_range or 0.0), cfg.clip_mode, cfg.variance_mode
+class Prepared:
+    """A validated launch recipe for one kind of call (see the module docstring).
+
+    ``model_output`` is None for the training-side step (:func:`fused_ddpm.add_noise`),
+    whose sample is named ``x_name`` in messages.
+    """
+
+    def __init__(self, coeffs: StepCoefficients, x: Tensor, model_output: Optional[Tensor], t,
+                 noise: Optional[Tensor], seeds, out: Optional[Tensor], backend: str,
+                 x_name: str = "x_t"):
+        check_step_inputs(x, model_output, t, coeffs, noise=noise, seeds=seeds, x_name=x_name)
+        if out is not None:
+            check_out(out, x, x_name)
+        cfg = coeffs.config
+        self.coeffs = coeffs
+        self.x_name = x_name
+        self.backend = resolve(backend, x.device, x.dtype)
+        self.record = get_backend(self.backend)
+        self.device = x.device
+        self.dtype = x.dtype
+        self.batch = x.shape[0]
+        self.channels = x.shape[1]
+        self.rows = coeffs.num_rows
+        self.layout = layout_of(x)
+        if not coeffs.adds_noise:
+            self.noise_mode = Noise.NONE
+        else:
+            self.noise_mode = Noise.EXTERNAL if noise is not None else Noise.PHILOX
+        self.var_mode = cfg.variance_mode
+        self.dynamic = cfg.clip_mode == Clip.DYNAMIC
+        self.flags: List[int] = [0] * NUM_FLAGS
+        self.flags[int(Flag.CLIP)] = int(cfg.clip_mode)
+        self.flags[int(Flag.VAR)] = int(self.var_mode)
+        self.flags[int(Flag.NOISE)] = int(self.noise_mode)
+        self.flags[int(Flag.LAYOUT)] = int(self.layout)
+        self.flags[int(Flag.TERMS)] = coeffs.terms
+        self.flags[int(Flag.NOISE_STREAM)] = int(coeffs.noise_stream)
+        self.scalars: List[float] = [0.0] * NUM_SCALARS
+        self.scalars[int(Scalar.CLIP)] = float(cfg.clip_sample_range or 0.0)
+        self.table = coeffs.table_on(x.device, torch.float64 if x.dtype == torch.float64
+                                     else torch.float32)
+        self.has_model = model_output is not None
+        self.split = self.has_model and cfg.model_channels == 2
+        self.copies = [a is not None and not is_sample_dense(a, self.layout)
+                       for a in self._streams_raw(x, model_output, noise)]
+        # the common case: x, model_output (and noise) go in as given
+        self.plain = not (self.split or any(self.copies) or (
+            self.noise_mode == Noise.EXTERNAL and noise.dtype != self.dtype))
+        self.external = self.noise_mode == Noise.EXTERNAL
+        self.seeds_ready = (isinstance(seeds, Tensor) and seeds.dim() == 1 and
+                            seeds.device == self.device)
+        self.t_views: Dict[int, Tensor] = {}       # int t -> its [B] index view
+        self.dense_out = out is None or is_sample_dense(out, self.layout)
+        dense = x.is_contiguous() if self.layout == Layout.CONTIGUOUS else \
+            x.dim() in (4, 5) and x.is_contiguous(memory_format=torch.channels_last if
+                                                  x.dim() == 4 else torch.channels_last_3d)
+        self.empty = torch.empty_like if dense else (lambda a: empty_in_layout(a, self.layout))
+        self.forward = None           # the unchecked launcher, once a launch was checked
+
+    def _streams_raw(self, x: Tensor, model_output: Optional[Tensor],
+                     noise: Optional[Tensor]) -> List[Optional[Tensor]]:
+        """The ins list before layout copies."""
+        ins: List[Optional[Tensor]] = [None] * NUM_IN
+        ins[int(In.X)] = x
+        if self.has_model:
+            C = self.channels
+            ins[int(In.M)] = model_output[:, :C] if self.split else model_output
+            if self.var_mode != Var.FIXED:
+                ins[int(In.V)] = model_output[:, C:]
+        if self.noise_mode == Noise.EXTERNAL:
+            ins[int(In.Z)] = noise if noise.dtype == self.dtype else noise.to(self.dtype)
+        return ins
+
+    def streams(self, x: Tensor, model_output: Optional[Tensor], noise: Optional[Tensor]
+                ) -> List[Optional[Tensor]]:
+        """The ins list of a launch, sample-dense in the layout."""
+        if self.plain:
+            ins = [None] * NUM_IN
+            ins[_X] = x
+            ins[_M] = model_output
+            if self.external:
+                ins[_Z] = noise
+            return ins
+        ins = self._streams_raw(x, model_output, noise)
+        for i, copy in enumerate(self.copies):
+            if copy:
+                ins[i] = to_layout(ins[i], self.layout)
+        return ins
+
+    def timesteps(self, t, batch: int, compiling: bool = False) -> Tensor:
+        """t as int64 ``[B]`` on the device (an int: a view of a cached index tensor)."""
+        if type(t) is int and not compiling:
+            view = self.t_views.get(t)
+            if view is None:
+                if not 0 <= t < self.rows:
+                    raise ValueError(f"t={t} is out of range [0, {self.rows})")
+                view = self.coeffs.row_index(t, self.device).expand(batch)
+                if not (self.device.type == "cuda" and torch.cuda.is_current_stream_capturing()):
+                    self.t_views[t] = view
+            return view
+        return normalize_t(t, batch, self.device, self.rows, self.coeffs)
+
+    def seeds(self, seeds, batch: int, generator) -> Optional[Tensor]:
+        if self.noise_mode != Noise.PHILOX:
+            return None
+        if seeds is None:
+            return draw_seeds(batch, self.device, generator)
+        if self.seeds_ready:
+            return seeds
+        if isinstance(seeds, Tensor):
+            return seeds.to(self.device).expand(batch)
+        return normalize_seeds(seeds, batch, self.device)
+
+    def thresh(self, ins, t: Tensor) -> Optional[Tensor]:
+        if not self.dynamic:
+            return None
+        cfg = self.coeffs.config
+        return step_threshold(ins, t, self.table, None, self.flags, self.scalars,
+                              cfg.dynamic_thresholding_ratio, cfg.sample_max_value)
+
+    def launch(self, ins, t, seeds, thresh, outs) -> None:
+        """The forward launch: the backend's checks run on the first one only."""
+        if self.forward is not None:
+            if ins[_X].numel():
+                self.forward(ins, t, seeds, self.table, thresh, None, outs, self.flags,
+                             self.scalars)
+        elif ins[_X].numel():
+            self.record.launchers.forward(ins, t, seeds, self.table, thresh, None, outs,
+                                          self.flags, self.scalars)
+            self.forward = self.record.unchecked_launchers.forward
+
+    def run(self, x: Tensor, model_output: Optional[Tensor], t, noise: Optional[Tensor],
+            seeds, return_x0: bool, out: Optional[Tensor], generator,
+            compiling: bool = False):
+        """One step with this recipe: y (and x0 when ``return_x0``)."""
+        B = self.batch
+        tt = self.timesteps(t, B, compiling)
+        sd = self.seeds(seeds, B, generator)
+        ins = self.streams(x, model_output, noise)
+        thresh = self.thresh(ins, tt) if self.dynamic else None
+        if out is not None:
+            if torch.is_grad_enabled() and out.requires_grad:
+                raise RuntimeError("out= does not support automatic differentiation (out "
+                                   "requires grad)")
+            if out_overlaps(out, x, model_output, noise):
+                raise ValueError(f"out must not share memory with an input ({self.x_name}, "
+                                 f"model_output, noise)")
+            x0 = self.empty(x) if return_x0 else None
+            if compiling:
+                ops.step_out(*ops.pack(ins), tt, sd, self.table, thresh, None, self.flags,
+                             self.scalars, self.backend, out, x0)
+            elif self.dense_out:
+                self.launch(ins, tt, sd, thresh, [out, x0])
+            else:
+                y = self.empty(x)
+                self.launch(ins, tt, sd, thresh, [y, x0])
+                out.copy_(y)
+            return (out, x0) if return_x0 else out
+        if compiling or (torch.is_grad_enabled() and (
+                x.requires_grad or (model_output is not None and model_output.requires_grad)
+                or (noise is not None and noise.requires_grad))):
+            y, x0 = ops.step(*ops.pack(ins), tt, sd, self.table, thresh, None, self.flags,
+                             self.scalars, return_x0, self.backend)
+        else:
+            y = self.empty(x)
+            x0 = self.empty(x) if return_x0 else None
+            self.launch(ins, tt, sd, thresh, [y, x0])
+        return (y, x0) if return_x0 else y
+
+
+def prepared(coeffs: StepCoefficients, x: Tensor, model_output: Optional[Tensor], t,
+             noise: Optional[Tensor], seeds, out: Optional[Tensor], backend: str,
+             x_name: str = "x_t", compiling: bool = False) -> Prepared:
+    """The :class:`Prepared` launch for this kind of call: cached on ``coeffs`` (at most
+    :data:`MAX_PREPARED`), or built (and validated) now. Under torch.compile: built fresh.
+
+    The cache key is everything validation looked at: shapes, strides, dtypes and devices
+    of the tensors, the kinds of t and seeds, the backend asked for (and the environment
+    override of "auto")."""
+    if compiling or type(coeffs) is not StepCoefficients or type(x) is not Tensor:
+        return Prepared(coeffs, x, model_output, t, noise, seeds, out, backend, x_name)
+    mo = model_output
+    key = (x.shape, x.stride(), x.dtype, x.device,
+           None if mo is None else (mo.shape, mo.stride(), mo.dtype, mo.device),
+           None if noise is None else (noise.shape, noise.stride(), noise.dtype, noise.device),
+           int if type(t) is int else _value_sig(t),
+           _value_sig(seeds), None if out is None else _sig(out), backend,
+           _ENV.get("FUSED_DDPM_BACKEND") if backend == "auto" else None, x_name)
+    plans = coeffs._plans
+    plan = plans.get(key)
+    if plan is None:
+        plan = Prepared(coeffs, x, model_output, t, noise, seeds, out, backend, x_name)
+        if len(plans) >= MAX_PREPARED:
+            plans.pop(next(iter(plans)))
+        plans[key] = plan
+    return plan
 
 
 def ddpm_step(x_t: Tensor,
@@ -71,100 +269,59 @@ def ddpm_step(x_t: Tensor,
     """One fused DDPM/DDIM step x_t → x_{t′} (t′: the next scheduled timestep below t).
 
     Args:
-        x_t: sample ``[B, C, ...]``, float16/bfloat16/float32 (float64: CPU kernel or reference).
+        x_t: sample ``[B, C, ...]``, float16/bfloat16/float32/float64.
         model_output: ``[B, C, ...]`` (``[B, 2C, ...]`` for learned variances), x_t's dtype.
-        t: the actual timestep: an int, or an integer tensor ``[B]`` / ``[]`` (on the device:
-            no host sync, graph-capturable).
+        t: the actual timestep: an int (Python or NumPy), or an integer tensor ``[B]`` /
+            ``[]`` (on the device: no host sync, graph-capturable).
         coeffs: from :func:`fused_ddpm.step_coefficients`.
         noise: external z (x_t's shape). Or ``seeds`` (int, or int64 ``[B]`` on the device) for
             in-kernel Philox noise. With neither, seeds are drawn from ``generator`` (torch's
-            default generator when None).
+            default generator when None). A step without a noise term (DDIM with η = 0)
+            uses neither.
         return_x0: also return x̂0 (clipped/thresholded, as diffusers' ``pred_original_sample``).
         out: write x_{t′} here (x_t's shape/dtype/device; not differentiable).
-        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"reference"``.
+        backend: ``"auto"``, ``"cuda"``, ``"triton"``, ``"cpu"`` or ``"torch"``
+            (:mod:`fused_ddpm.backends`).
 
     Returns:
         x_{t′} with x_t's shape, dtype and memory format; and x̂0 if ``return_x0``.
         Differentiable w.r.t. x_t, model_output and noise.
+
+    Raises:
+        TypeError (a wrong type or dtype), ValueError (a wrong value or shape, an unknown
+        backend name), :class:`fused_ddpm.BackendUnavailableError` (the backend asked for
+        cannot run this call here).
     """
-    t, seeds, noise, name = _prepare(x_t, model_output, t, coeffs, noise, seeds, backend,
-                                     generator)
-    if name == "reference":
-        res = reference.ddpm_step(x_t, model_output, t, coeffs, noise=noise, seeds=seeds,
-                                  return_x0=return_x0)
-        if out is None:
-            return res
-        y = res[0] if return_x0 else res
-        _check_out(out, x_t, model_output, noise)
-        out.copy_(y)
-        return (out, res[1]) if return_x0 else out
-    table, thresh, clip, clip_mode, var_mode = _kernel_args(x_t, model_output, t, coeffs)
-    # Eager calls that need neither autograd nor tracing skip the custom-op dispatcher
-    # (tens of µs of Python per call); torch.compile and autograd go through the ops.
-    tracing = torch.compiler.is_compiling()
-    if out is not None:
-        _check_out(out, x_t, model_output, noise)
-        x0 = torch.empty_like(x_t) if return_x0 else None
-        run_out = ops.step_out if tracing else ops.forward_into
-        run_out(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
-                name, out, x0)
-        return (out, x0) if return_x0 else out
-    run = ops.step if tracing or _needs_grad(x_t, model_output, noise) else ops.forward
-    y, x0 = run(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode, var_mode,
-                return_x0, name)
-    return (y, x0) if return_x0 else y
-
-
-def _needs_grad(*tensors: Optional[Tensor]) -> bool:
-    return torch.is_grad_enabled() and any(
-        t is not None and t.requires_grad for t in tensors)
-
-
-def _check_out(out: Tensor, x_t: Tensor, *others: Optional[Tensor]) -> None:
-    """out= must match x_t and must not overlap itself or any input."""
-    if not isinstance(out, Tensor):
-        raise TypeError(f"out must be a torch.Tensor, got {type(out).__name__}")
-    if out.shape != x_t.shape or out.dtype != x_t.dtype or out.device != x_t.device:
-        raise ValueError(f"out must match x_t (shape {list(x_t.shape)}, {x_t.dtype}, "
-                         f"{x_t.device}), got shape {list(out.shape)}, {out.dtype}, {out.device}")
-    if torch.is_grad_enabled() and out.requires_grad:
-        raise RuntimeError("out= does not support automatic differentiation (out requires grad)")
-    if any(st == 0 and n > 1 for st, n in zip(out.stride(), out.shape)):
-        raise ValueError("out must not have overlapping memory (it is an expanded tensor)")
-    for other in (x_t,) + others:
-        if other is not None and out.numel() and other.numel() and \
-                out.untyped_storage().data_ptr() == other.untyped_storage().data_ptr():
-            raise ValueError("out must not share memory with an input (x_t, model_output, noise)")
+    compiling = torch.compiler.is_compiling()
+    plan = prepared(coeffs, x_t, model_output, t, noise, seeds, out, backend,
+                    compiling=compiling)
+    return plan.run(x_t, model_output, t, noise, seeds, return_x0, out, generator, compiling)
 
 
 class DDPMStepFunction(torch.autograd.Function):
     """``torch.autograd.Function`` form of the fused step (same maths as :func:`ddpm_step`).
 
     ``DDPMStepFunction.apply(x_t, model_output, t, coeffs, noise=None, seeds=None,
-    backend="auto")`` returns x_{t′}. The backward is the fused backward kernel; in-kernel
-    noise is recomputed from the seeds there, never stored.
+    backend="auto")`` returns x_{t′}. Forward and backward are those of :func:`ddpm_step`
+    (the backward is the registered ``fused_ddpm::step_backward`` op); in-kernel noise is
+    recomputed from the seeds in backward, never stored.
     """
 
     @staticmethod
     def forward(ctx, x_t, model_output, t, coeffs, noise=None, seeds=None, backend="auto"):
-        t, seeds, noise, name = _prepare(x_t, model_output, t, coeffs, noise, seeds, backend,
-                                         None)
-        if name == "reference":
-            raise RuntimeError("DDPMStepFunction runs a fused kernel, and no kernel backend "
-                               f"(cuda, triton, cpu) takes {x_t.dtype} tensors on {x_t.device} "
-                               "here; use fused_ddpm.reference.ddpm_step")
-        table, thresh, clip, clip_mode, var_mode = _kernel_args(x_t, model_output, t, coeffs)
-        y, _ = ops.forward(x_t, model_output, t, table, noise, seeds, thresh, clip, clip_mode,
-                           var_mode, False, name)
-        ctx.save_for_backward(x_t, model_output, t, table, noise, seeds, thresh)
-        ctx.args = (clip, clip_mode, var_mode, name)
-        ctx.has_noise = noise is not None
-        return y
+        leaves = [None if a is None else a.detach().requires_grad_(a.requires_grad)
+                  for a in (x_t, model_output, noise)]
+        with torch.enable_grad():
+            y = ddpm_step(leaves[0], leaves[1], t, coeffs, noise=leaves[2], seeds=seeds,
+                          backend=backend)
+        ctx.graph = (y, leaves)
+        return y.detach()
 
     @staticmethod
     def backward(ctx, grad_y):
-        x_t, model_output, t, table, noise, seeds, thresh = ctx.saved_tensors
-        clip, clip_mode, var_mode, name = ctx.args
-        gx, gm, gn = ops.step_backward(grad_y, None, x_t, model_output, t, table, noise, seeds,
-                                       thresh, clip, clip_mode, var_mode, name)
-        return gx, gm, None, None, (gn if ctx.has_noise else None), None, None
+        y, leaves = ctx.graph
+        wanted = [a for a in leaves if a is not None and a.requires_grad]
+        got = iter(torch.autograd.grad(y, wanted, grad_y, allow_unused=True)
+                   if wanted and y.requires_grad else ())
+        gx, gm, gz = [next(got) if a is not None and a.requires_grad else None for a in leaves]
+        return gx, gm, None, None, gz, None, None

@@ -152,3 +152,16 @@ def test_presets_and_parsing():
     assert parse_shape("2x4x8x8") == ("2x4x8x8", (2, 4, 8, 8))
     with pytest.raises(ValueError):
         parse_shape("nope")
+
+
+def test_overhead_mode_reports_ratios_to_add():
+    preset = Preset([Group(["torch", "dropin", "add"], ["overhead"], ["tiny"], ["fp32"])], TINY)
+    d = bench.run(preset, torch.device("cpu"), "test", progress=False)
+    by = {r["provider"]: r for r in d["rows"] if r["mode"] == "overhead"}
+    assert by["add"]["status"] == "ok" and by["add"]["x_add"] == pytest.approx(1.0)
+    for prov in ("torch", "dropin"):
+        r = by[prov]
+        assert r["status"] == "ok", r
+        assert r["x_add"] == pytest.approx(r["median_us"] / by["add"]["median_us"])
+        assert f"{prov} tiny fp32" in d["overhead"]
+    assert "× torch.add" in report.header(d)

@@ -1,22 +1,49 @@
-"""The coefficient table, applied as the kernels apply it, reproduces the reference."""
+"""The coefficient table, applied as the kernels apply it (the torch backend: the contract
+in plain torch, float64 for float64 inputs), reproduces the reference."""
 import itertools
 
 import pytest
 import torch
 
 import fused_ddpm as fd
-from fused_ddpm.coefficients import COL_P, PREDICTION_TYPES, VARIANCE_TYPES
+from fused_ddpm.coefficients import METHODS, PREDICTION_TYPES, VARIANCE_TYPES
+from fused_ddpm.contract import NUM_COLS, TERM_COLS, Col, In, Var
 
-from helpers import affine_step, random_inputs
+from helpers import random_inputs
+
+
+def affine_step(x, m, z, t, c, table=None):
+    """The step as the kernels compute it, from ``table`` (default: the coefficients'
+    float64 table), on the torch backend in float64 (with the dynamic-threshold scale in
+    float64 too, where the contract has float32, so that only the table is tested)."""
+    from fused_ddpm import torch_backend
+    from fused_ddpm.reference import dynamic_threshold_scale
+    from fused_ddpm.step import prepared
+    plan = prepared(c, x, m, t, z, None, None, "torch")
+    ins = plan.streams(x, m, z)
+    tt = plan.timesteps(t, x.shape[0])
+    table = c.table64 if table is None else table
+    thresh = None
+    if c.config.thresholding:
+        rows = table[tt]
+        shape = (-1,) + (1,) * (x.dim() - 1)
+        xr = rows[:, Col.U].reshape(shape) * x + rows[:, Col.W].reshape(shape) * ins[In.M]
+        thresh = dynamic_threshold_scale(xr, c.config.dynamic_thresholding_ratio,
+                                         c.config.sample_max_value)
+    y, x0 = torch.empty_like(x), torch.empty_like(x)
+    torch_backend.step_forward(ins, tt, None, table, thresh, None, [y, x0], plan.flags,
+                               plan.scalars)
+    return y, x0
 
 CLIPS = [dict(), dict(clip_sample_range=0.8),
          dict(thresholding=True, dynamic_thresholding_ratio=0.8, sample_max_value=3.0)]
 DDPM = [dict(method="ddpm", prediction_type=p, variance_type=v, **c)
         for p, v, c in itertools.product(PREDICTION_TYPES, VARIANCE_TYPES, CLIPS)]
 DDIM = [dict(method="ddim", prediction_type=p, eta=e, use_clipped_model_output=u,
-             set_alpha_to_one=a, **c)
-        for p, (e, u, a), c in itertools.product(
-            PREDICTION_TYPES, [(0.0, False, True), (0.6, False, False), (1.0, True, True)], CLIPS)]
+             set_alpha_to_one=a, variance_type=v, **c)
+        for p, (e, u, a, v), c in itertools.product(
+            PREDICTION_TYPES, [(0.0, False, True, "fixed_small"), (0.6, False, False, "learned"),
+                               (1.0, True, True, "learned_log")], CLIPS)]
 SCHEDULES = [dict(), dict(num_inference_steps=17, timestep_spacing="trailing"),
              dict(timesteps=[977, 500, 499, 31, 0])]
 
@@ -45,12 +72,95 @@ def test_table_reproduces_reference(cfg, spacing):
 
 def test_table_shape_device_and_p_zero_without_clip():
     c = fd.step_coefficients(fd.NoiseSchedule(num_train_timesteps=50))
-    assert c.table.shape == (50, 8) and c.table.dtype == torch.float32
+    assert c.table.shape == (50, NUM_COLS) and c.table.dtype == torch.float32
     assert c.table64.dtype == torch.float64
     assert torch.equal(c.table, c.table64.float())
-    assert torch.all(c.table64[:, COL_P] == 0)          # collapsed form when not clipping
+    assert torch.all(c.table64[:, Col.P] == 0)          # collapsed form when not clipping
     clipped = fd.step_coefficients(fd.NoiseSchedule(num_train_timesteps=50), clip_sample_range=1.)
-    assert torch.all(clipped.table64[1:, COL_P] > 0)
+    assert torch.all(clipped.table64[1:, Col.P] > 0)
+
+
+@pytest.mark.parametrize("cfg", DDPM + DDIM, ids=_id)
+def test_terms_mask_is_the_nonzero_columns(cfg):
+    """TERMS has the bit of exactly the columns that are nonzero in some row."""
+    c = fd.step_coefficients(fd.NoiseSchedule(num_train_timesteps=60), **cfg)
+    for col in TERM_COLS:
+        assert bool(c.terms >> int(col) & 1) == bool((c.table64[:, col] != 0).any()), col.name
+    assert c.adds_noise == bool((c.table64[:, Col.S] != 0).any())
+    assert not c.terms >> int(Col.E) & 1 and not c.terms >> int(Col.H) & 1
+    if cfg["prediction_type"] == "sample":          # ε-free x̂0: U = 0 in every row
+        assert not c.terms >> int(Col.U) & 1
+
+
+@pytest.mark.parametrize("vt", ["learned", "learned_range", "learned_log"])
+def test_learned_variance_columns(vt):
+    """learned: σ = S·√v (S the t > 0 gate); learned_range: σ = exp(VA + VB·v) with
+    VA = ¼(log β + log β̃), VB = ¼(log β − log β̃); learned_log: σ = exp(½ v)."""
+    sched = fd.NoiseSchedule(num_train_timesteps=80)
+    c = fd.step_coefficients(sched, variance_type=vt, num_inference_steps=20)
+    cfg = c.config
+    assert cfg.model_channels == 2 and cfg.learned_variance
+    assert cfg.variance_mode == (Var.SQRT if vt == "learned" else Var.EXP)
+    gate = (torch.arange(80) > 0).double()
+    assert torch.equal(c.table64[:, Col.S], gate)
+    rows = c.timesteps
+    if vt == "learned_range":
+        abar = sched.alphas_cumprod
+        prev = c.prev_timesteps[rows]
+        ab_p = torch.where(prev >= 0, abar[prev.clamp(min=0)], torch.ones(()))
+        beta = 1 - abar[rows] / ab_p
+        bt = (beta * (1 - ab_p) / (1 - abar[rows])).clamp(min=1e-20)
+        torch.testing.assert_close(c.table64[rows, Col.VA], 0.25 * (beta.log() + bt.log()))
+        torch.testing.assert_close(c.table64[rows, Col.VB], 0.25 * (beta.log() - bt.log()))
+    elif vt == "learned_log":
+        assert torch.equal(c.table64[:, Col.VA], torch.zeros(80, dtype=torch.float64))
+        assert torch.equal(c.table64[:, Col.VB], torch.full((80,), 0.5, dtype=torch.float64))
+
+
+def test_ddim_ignores_variance_half_and_ddpm_reads_it():
+    c = fd.step_coefficients(fd.NoiseSchedule(num_train_timesteps=50), method="ddim",
+                             variance_type="learned_range")
+    assert c.config.model_channels == 2 and c.config.variance_mode == Var.FIXED
+
+
+def test_add_noise_rows():
+    """x_t = √ᾱ x0 + √(1−ᾱ) z in Y (Q, S); the target in X0 (U, E) per prediction type."""
+    sched = fd.NoiseSchedule(num_train_timesteps=40)
+    sa, sb = sched.alphas_cumprod.sqrt(), (1 - sched.alphas_cumprod).sqrt()
+    want = {"epsilon": (0, 1), "sample": (1, 0), "v_prediction": (-sb, sa)}
+    for pred, (u, e) in want.items():
+        c = fd.add_noise_coefficients(sched, pred)
+        t = c.table64
+        torch.testing.assert_close(t[:, Col.Q], sa)
+        torch.testing.assert_close(t[:, Col.S], sb)
+        torch.testing.assert_close(t[:, Col.U], torch.as_tensor(u, dtype=torch.float64).expand(40))
+        torch.testing.assert_close(t[:, Col.E], torch.as_tensor(e, dtype=torch.float64).expand(40))
+        for col in (Col.W, Col.P, Col.R, Col.H):
+            assert not bool(t[:, col].any())
+
+
+def test_registry_entries_are_complete():
+    """Every method names its accepted variance types from the registry."""
+    for name, m in METHODS.items():
+        assert set(m.variance_types) <= set(VARIANCE_TYPES), name
+    assert set(VARIANCE_TYPES) >= {"fixed_small", "fixed_small_log", "fixed_large", "learned",
+                                   "learned_range", "learned_log"}
+
+
+def test_diffusers_precision_is_the_same_builder():
+    """precision="diffusers_float32" is a policy of the same builder: close to float64
+    (float32 roundings of the same algebra), not a second table."""
+    sched = fd.NoiseSchedule()
+    for cfg in (dict(), dict(clip_sample_range=1.0), dict(variance_type="learned_range"),
+                dict(method="ddim", eta=0.4)):
+        a = fd.step_coefficients(sched, num_inference_steps=50, **cfg)
+        b = fd.step_coefficients(sched, num_inference_steps=50, precision="diffusers_float32",
+                                 **cfg)
+        rows = a.timesteps[:-1]             # β̃ at the last step cancels in float32
+        scale = a.table64[rows].abs().amax(dim=0).clamp(min=1e-30)
+        err = (a.table64[rows] - b.table64[rows]).abs().amax(dim=0) / scale
+        assert float(err.max()) < 1e-4, cfg
+        assert a.terms == b.terms and b.precision == "diffusers_float32"
 
 
 def test_wrong_coefficient_is_caught():
@@ -60,9 +170,10 @@ def test_wrong_coefficient_is_caught():
                              eta=0.5, clip_sample_range=2.0)
     x, m, z = random_inputs(c, (2, 3, 4, 4), generator=torch.Generator().manual_seed(0))
     t = torch.tensor([500, 10])
-    assert torch.all(c.table64[t, :6] != 0)
+    cols = (Col.U, Col.W, Col.P, Col.Q, Col.R, Col.S)
+    assert all(bool(torch.all(c.table64[t, col] != 0)) for col in cols)
     want = fd.reference.ddpm_step(x, m, t, c, noise=z)
-    for col in range(6):
+    for col in cols:
         table = c.table64.clone()
         table[:, col] *= 1 + 1e-6
         got, _ = affine_step(x, m, z, t, c, table=table)
@@ -91,12 +202,37 @@ def test_coefficients_move_once_per_device():
     a = c.table_on("cpu", torch.float16)
     assert a is c.table_on("cpu", torch.float16) and a.dtype == torch.float16
     assert c.table_on("cpu") is c.table and c.table_on("cpu", torch.float64) is c.table64
+    assert c.row_index(7, torch.device("cpu")).item() == 7
+    assert c.row_index(7, torch.device("cpu")).untyped_storage().data_ptr() == \
+        c.row_index(9, torch.device("cpu")).untyped_storage().data_ptr()     # one cached tensor
+    moved = c.to("cpu")
+    assert moved is not c and torch.equal(moved.table64, c.table64)
+
+
+def test_one_constructor_whose_invariants_hold():
+    """StepCoefficients is built one way; its table is always the builder's float64 table,
+    the device table its float32 rounding, the timesteps a real descending schedule."""
+    sched = fd.NoiseSchedule(num_train_timesteps=30)
+    c = fd.coefficients.StepCoefficients(sched, fd.StepConfig(), torch.tensor([20, 10, 0]))
+    assert c.table64.shape == (30, NUM_COLS) and c.table64.dtype == torch.float64
+    assert torch.equal(c.table, c.table64.float())
+    assert c.prev_timesteps[20].item() == 10 and c.prev_timesteps[5].item() == 0
+    assert torch.equal(c.rows, c.timesteps) and c.index_by == "timestep"
+    for bad in ([10, 20], [30, 0], [], [5, -1]):
+        with pytest.raises(ValueError, match="timesteps"):
+            fd.coefficients.StepCoefficients(sched, fd.StepConfig(), torch.tensor(bad))
+    with pytest.raises(TypeError, match="config"):
+        fd.coefficients.StepCoefficients(sched, {"method": "ddpm"}, torch.tensor([5]))
+    gap = fd.coefficients.StepCoefficients(sched, fd.StepConfig(method="ddim"),
+                                           torch.tensor([25, 15, 5]), step_gap=10)
+    assert gap.prev_timesteps[25].item() == 15 and gap.prev_timesteps[7].item() == -1
 
 
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="euler"), "method"),
     (dict(prediction_type="eps"), "prediction_type"),
     (dict(variance_type="fixed_large_log"), "variance_type"),
+    (dict(variance_type="learned_lognormal"), "variance_type"),
     (dict(clip_sample_range=0.0), "clip_sample_range"),
     (dict(clip_sample_range=-1.0), "clip_sample_range"),
     (dict(thresholding=True, dynamic_thresholding_ratio=1.5), "dynamic_thresholding_ratio"),

@@ -50,7 +50,8 @@ def test_parameterizations_agree(method, n):
     g = torch.Generator().manual_seed(2)
     x0 = torch.randn(SHAPE, dtype=torch.float64, generator=g)
     eps = torch.randn(SHAPE, dtype=torch.float64, generator=g)
-    base = fd.step_coefficients(sched, method=method, num_inference_steps=n, eta=0.5)
+    eta = dict(eta=0.5) if method == "ddim" else {}     # eta is an error with DDPM
+    base = fd.step_coefficients(sched, method=method, num_inference_steps=n, **eta)
     t = base.timesteps[torch.randint(len(base.timesteps), (SHAPE[0],), generator=g)]
     ab = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
     x_t = ab.sqrt() * x0 + (1 - ab).sqrt() * eps
@@ -59,7 +60,7 @@ def test_parameterizations_agree(method, n):
     means = {}
     for p, m in preds.items():
         c = fd.step_coefficients(sched, method=method, prediction_type=p, num_inference_steps=n,
-                                 eta=0.5)
+                                 **eta)
         means[p], x0_hat = fd.reference.ddpm_step(x_t, m, t, c, noise=z, return_x0=True)
         assert _rel(x0_hat, x0) <= 1e-10
     assert _rel(means["sample"], means["epsilon"]) <= 1e-10
@@ -102,7 +103,12 @@ def _learned_ok(m, C, variance_type):
     return m
 
 
-DDPM_GRID = list(itertools.product(PREDICTION_TYPES, VARIANCE_TYPES,
+# the registry's types that stock diffusers has too (learned_log is improved-diffusion's)
+DIFFUSERS_PREDICTIONS = [p for p in PREDICTION_TYPES if p in ("epsilon", "sample",
+                                                               "v_prediction")]
+DIFFUSERS_VARIANCES = [v for v in VARIANCE_TYPES if v in (
+    "fixed_small", "fixed_small_log", "fixed_large", "learned", "learned_range")]
+DDPM_GRID = list(itertools.product(DIFFUSERS_PREDICTIONS, DIFFUSERS_VARIANCES,
                                    ["none", "clip", "threshold"]))
 
 
@@ -128,7 +134,7 @@ def test_ddpm_matches_diffusers(prediction_type, variance_type, clip, beta_sched
 @pytest.mark.parametrize("spacing, n, offset", [("leading", 10, 0), ("leading", 7, 1),
                                                 ("trailing", 10, 0), ("trailing", 7, 0),
                                                 ("linspace", 13, 0), ("custom", None, 0)])
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", DIFFUSERS_PREDICTIONS)
 def test_ddpm_respaced_matches_diffusers(spacing, n, offset, prediction_type):
     sched = fd.NoiseSchedule()
     if spacing == "custom":
@@ -151,7 +157,7 @@ def test_ddpm_respaced_matches_diffusers(spacing, n, offset, prediction_type):
         assert _rel(fd.reference.ddpm_step(x, m, t, c, noise=z), want) <= 1e-9
 
 
-@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+@pytest.mark.parametrize("prediction_type", DIFFUSERS_PREDICTIONS)
 @pytest.mark.parametrize("clip", ["none", "clip", "threshold"])
 @pytest.mark.parametrize("eta, use_clipped", [(0.0, False), (0.7, False), (1.0, True)])
 @pytest.mark.parametrize("spacing, offset, set_alpha_to_one", [("leading", 1, True),
@@ -217,3 +223,83 @@ def test_generator_noise_reproducible():
     b = fd.reference.ddpm_step(x, m, 500, c, generator=torch.Generator().manual_seed(9))
     d = fd.reference.ddpm_step(x, m, 500, c, generator=torch.Generator().manual_seed(10))
     assert torch.equal(a, b) and not torch.equal(a, d)
+
+
+# ------------------------------------------------------------------ learned_log, float64 math
+@pytest.mark.parametrize("clip", ["none", "clip"])
+def test_learned_log_is_learned_in_log_space(clip):
+    """improved-diffusion's LEARNED output holds log σ²; diffusers' "learned" holds σ²: the
+    same σ from v = σ² and from v = log σ²."""
+    sched = fd.NoiseSchedule()
+    okw = _clip_kwargs(clip)[1]
+    lin = fd.step_coefficients(sched, variance_type="learned", num_inference_steps=30, **okw)
+    log = fd.step_coefficients(sched, variance_type="learned_log", num_inference_steps=30, **okw)
+    g = torch.Generator().manual_seed(8)
+    x, m, z = random_inputs(lin, SHAPE, generator=g)
+    t = lin.timesteps[torch.randint(30, (SHAPE[0],), generator=g)]
+    t[0] = 0
+    m_log = m.clone()
+    m_log[:, SHAPE[1]:] = m[:, SHAPE[1]:].log()
+    a = fd.reference.ddpm_step(x, m, t, lin, noise=z)
+    b = fd.reference.ddpm_step(x, m_log, t, log, noise=z)
+    assert _rel(a, b) <= 1e-12
+    # and the formula: σ = exp(½ v) for t > 0
+    mean = fd.reference.ddpm_step(x, m_log, t, log, noise=torch.zeros_like(z))
+    sigma = torch.exp(0.5 * m_log[:, SHAPE[1]:]) * (t > 0).double().reshape(-1, 1, 1, 1)
+    assert _rel(b, mean + sigma * z) <= 1e-12
+
+
+def test_float32_inputs_are_computed_in_float64():
+    """The oracle computes in float64 whatever the input dtype (1 − ᾱ_t would cancel in
+    float32 near t = 0): float32 inputs give the float64 result rounded once. The case
+    5000 hypothesis examples found: ddpm, epsilon, learned, [4, 4, 6, 6], external noise."""
+    sched = fd.NoiseSchedule(num_train_timesteps=200, beta_schedule="scaled_linear",
+                             beta_start=0.00085, beta_end=0.012)
+    c = fd.step_coefficients(sched, variance_type="learned")
+    g = torch.Generator().manual_seed(0)
+    x, m, z = random_inputs(c, (4, 4, 6, 6), generator=g)
+    t = torch.tensor([1, 0, 2, 150])
+    x32, m32, z32 = x.float(), m.float(), z.float()
+    y32, x0_32 = fd.reference.ddpm_step(x32, m32, t, c, noise=z32, return_x0=True)
+    y64, x0_64 = fd.reference.ddpm_step(x32.double(), m32.double(), t, c, noise=z32.double(),
+                                        return_x0=True)
+    assert y32.dtype == torch.float32
+    assert torch.equal(y32, y64.float()) and torch.equal(x0_32, x0_64.float())
+
+
+@pytest.mark.parametrize("prediction_type", PREDICTION_TYPES)
+def test_add_noise_formula(prediction_type):
+    """x_t = √ᾱ x0 + √(1−ᾱ) ε, and the target converts back: the prediction type's own x̂0
+    of (x_t, target) is x0 (so a perfect model would be exact)."""
+    sched = fd.NoiseSchedule()
+    g = torch.Generator().manual_seed(1)
+    x0 = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+    eps = torch.randn(SHAPE, dtype=torch.float64, generator=g)
+    t = torch.tensor([999, 0, 400])
+    x_t, target = fd.reference.add_noise(x0, t, sched, noise=eps, prediction_type=prediction_type)
+    ab = sched.alphas_cumprod[t].reshape(-1, 1, 1, 1)
+    assert _rel(x_t, ab.sqrt() * x0 + (1 - ab).sqrt() * eps) <= 1e-14
+    c = fd.step_coefficients(sched, prediction_type=prediction_type)
+    _, x0_hat = fd.reference.ddpm_step(x_t, target, t, c, noise=eps, return_x0=True)
+    assert _rel(x0_hat, x0) <= 1e-9
+
+
+@pytest.mark.parametrize("n", [1, 2, 7, 100, 1001])
+@pytest.mark.parametrize("ratio", [0.5, 0.9, 0.995, 1.0])
+def test_production_threshold_scale_matches_the_oracles(n, ratio):
+    """fused_ddpm.thresholding (k-th values) vs the reference's own quantile (a sort and an
+    interpolation) vs torch.quantile; NaN in a sample makes its scale NaN in all three."""
+    from fused_ddpm.thresholding import threshold_scale
+    g = torch.Generator().manual_seed(n)
+    x = torch.randn(5, n, generator=g, dtype=torch.float64) * 3
+    x[1] = x[1].abs() * 0.1                        # below 1: clamped up to 1
+    if n > 1:
+        x[3, n // 2] = float("nan")
+    want = fd.reference.dynamic_threshold_scale(x, ratio, 2.5)
+    q = torch.quantile(x.abs(), ratio, dim=1).clamp(1.0, 2.5)
+    for dtype in (torch.float64, torch.float32):
+        got = threshold_scale(x.to(dtype), ratio, 2.5)
+        assert got.dtype == torch.float32
+        torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, equal_nan=True)
+    torch.testing.assert_close(want, q, rtol=1e-12, atol=0, equal_nan=True)
+    assert bool(torch.isnan(want[3])) == (n > 1) and float(want[1]) == 1.0

@@ -27,7 +27,7 @@ def toy_model(x, t):
     return 0.7 * x * (1 - 0.5 * tt) + 0.1 * torch.sin(x)
 
 
-@pytest.mark.parametrize("backend", ["auto", "reference"])
+@pytest.mark.parametrize("backend", ["auto", "torch"])
 def test_initial_noise_is_philox_at_counter_T(backend):
     seeds = torch.tensor([3, -7, 2 ** 40 + 5], dtype=torch.int64)
     x = initial_noise(seeds, (3, 2, 5, 3), 1000, backend=backend)
@@ -150,7 +150,7 @@ def test_mixture_predictor_is_consistent():
 @requires_cuda
 def test_cuda_graph_matches_eager_and_fresh_noise():
     dev = torch.device("cuda")
-    if resolve("auto", dev, torch.float32) == "reference":
+    if resolve("auto", dev, torch.float32) == "torch":
         pytest.skip("no GPU kernel backend built")
     clear_graph_cache()
     coeffs = fd.step_coefficients(SCHED, num_inference_steps=25, device=dev)
@@ -183,7 +183,7 @@ def test_cuda_graph_matches_eager_and_fresh_noise():
 @requires_cuda
 def test_cuda_eager_sample_has_no_host_sync():
     dev = torch.device("cuda")
-    if resolve("auto", dev, torch.float32) == "reference":
+    if resolve("auto", dev, torch.float32) == "torch":
         pytest.skip("no GPU kernel backend built")
     coeffs = fd.step_coefficients(SCHED, num_inference_steps=10, device=dev)
     seeds = torch.arange(4, device=dev)

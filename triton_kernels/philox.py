@@ -1,16 +1,20 @@
-"""In-kernel Philox4x32-10 noise (DESIGN.md §3, spec and oracle: ``fused_ddpm/philox.py``).
+"""In-kernel Philox4x32-10 noise (docs/kernels.md, "Noise"; oracle: ``fused_ddpm/philox.py``).
 
-For sample b with seed k and timestep t, the element of logical index i draws
-z_{i mod 4} of Philox4x32-10(counter=(i//4 lo, i//4 hi, t lo, 0), key=(k lo, k hi)) after
-uniforms ((o >> 8) + ½)·2⁻²⁴ and Box–Muller on the pairs (o0, o1), (o2, o3).
+For sample b with seed k, row index t and stream word s, the element of logical index i
+draws z_{i mod 4} of Philox4x32-10(counter=(i//4 lo, i//4 hi, t lo, s), key=(k lo, k hi))
+after uniforms ((o >> 8) + ½)·2⁻²⁴ and Box–Muller on the pairs (o0, o1), (o2, o3).
 
-``philox_normal4`` serves four consecutive elements with one Philox call (the contiguous
-layout); ``philox_normal_at`` computes one element from an arbitrary logical index (used
-for channels-last storage, where consecutive storage positions are not consecutive indices).
+The uint32 words are bit-identical to the oracle. The normals use a branch-free −2·ln u
+(range reduction to [√½, √2) and a degree-7 polynomial, exact-rounded FMAs: within one
+float32 ulp of ρ = √(−2 ln u) for every one of the 2²⁴ possible uniforms) instead of
+libdevice's ``logf``; on NVIDIA GPUs sin/cos and √ are the hardware approximations (the
+documented 1e-5 tolerance of GPU fast math).
+
+``normals4`` serves four consecutive logical elements with one Philox call; ``normal_at``
+computes one element from an arbitrary logical index (the channels-last fallback).
 """
 from __future__ import annotations
 
-import torch
 import triton
 import triton.language as tl
 from triton.language.extra import libdevice
@@ -19,21 +23,41 @@ PHILOX_M0 = tl.constexpr(0xD2511F53)
 PHILOX_M1 = tl.constexpr(0xCD9E8D57)
 PHILOX_W0 = tl.constexpr(0x9E3779B9)
 PHILOX_W1 = tl.constexpr(0xBB67AE85)
-TWO_PI_F32 = tl.constexpr(6.2831854820251465)  # float32(2π), as every backend
+TWO_PI_F32 = tl.constexpr(6.2831854820251465)   # float32(2π), as every backend
 TWO_POW_M24 = tl.constexpr(5.9604644775390625e-08)
+TWO_POW_M25 = tl.constexpr(2.98023223876953125e-08)
+# −2·ln u = e·(−2 ln 2) + f·P(f) for u = 2^e·(1 + f), 1 + f in [√½, √2): the bit pattern of √½
+# splits the exponent; P is a degree-7 fit of −2·ln(1 + f)/f (float32 coefficients).
+SQRT_HALF_BITS = tl.constexpr(0x3F3504F3)
+NEG_TWO_LN2 = tl.constexpr(-1.3862943611198906)
+LOGP0 = tl.constexpr(-1.9999998807907104)
+LOGP1 = tl.constexpr(1.0000072717666626)
+LOGP2 = tl.constexpr(-0.6667028665542603)
+LOGP3 = tl.constexpr(0.4994019865989685)
+LOGP4 = tl.constexpr(-0.39795398712158203)
+LOGP5 = tl.constexpr(0.344913512468338)
+LOGP6 = tl.constexpr(-0.32481205463409424)
+LOGP7 = tl.constexpr(0.20293177664279938)
+
+
+@triton.jit
+def _mulhilo(a, M: tl.constexpr):
+    """(hi, lo) uint32 halves of the 64-bit product a·M: one wide multiply."""
+    p = a.to(tl.uint64) * M
+    return (p >> 32).to(tl.uint32), p.to(tl.uint32)
 
 
 @triton.jit
 def philox4x32_10(c0, c1, c2, c3, k0, k1):
-    """Ten Philox rounds; all arguments uint32 (tensors or scalars). Returns 4 uint32."""
-    for _ in tl.static_range(10):
-        _c0, _c2 = c0, c2
-        c0 = tl.umulhi(_c2, PHILOX_M1) ^ c1 ^ k0
-        c2 = tl.umulhi(_c0, PHILOX_M0) ^ c3 ^ k1
-        c1 = tl.mul(_c2, PHILOX_M1, sanitize_overflow=False)
-        c3 = tl.mul(_c0, PHILOX_M0, sanitize_overflow=False)
-        k0 = tl.add(k0, PHILOX_W0, sanitize_overflow=False)
-        k1 = tl.add(k1, PHILOX_W1, sanitize_overflow=False)
+    """Ten Philox rounds; uint32 arguments, each a tensor or a scalar (scalar words stay
+    scalar for as long as the rounds allow). Returns the 4 output words."""
+    for r in tl.static_range(10):
+        if r > 0:
+            k0 = tl.add(k0, PHILOX_W0, sanitize_overflow=False)
+            k1 = tl.add(k1, PHILOX_W1, sanitize_overflow=False)
+        hi0, lo0 = _mulhilo(c0, PHILOX_M0)
+        hi1, lo1 = _mulhilo(c2, PHILOX_M1)
+        c0, c1, c2, c3 = hi1 ^ c1 ^ k0, lo1, hi0 ^ c3 ^ k1, lo0
     return c0, c1, c2, c3
 
 
@@ -46,25 +70,46 @@ def philox_key(seed):
 
 
 @triton.jit
-def philox_raw(g, tword, k0, k1):
-    """Philox outputs for the int64 counter index g = i // 4 (≥ 0) and uint32 timestep word."""
-    c0 = g.to(tl.uint32)
-    c1 = (g >> 32).to(tl.uint32)
-    c2 = tl.zeros_like(c0) + tword
-    c3 = tl.zeros_like(c0)
-    return philox4x32_10(c0, c1, c2, c3, k0, k1)
+def philox_words(g, tword, sword, k0, k1, IDX64: tl.constexpr):
+    """Philox outputs for counter index g = i // 4 (≥ 0; int32 unless IDX64), row word tword
+    and stream word sword (uint32 scalars)."""
+    if IDX64:
+        g = g.to(tl.int64)
+        c0 = g.to(tl.uint32)
+        c1 = (g >> 32).to(tl.uint32)
+    else:
+        c0 = g.to(tl.uint32)
+        c1 = tl.full((), 0, tl.uint32)
+    return philox4x32_10(c0, c1, tword, sword, k0, k1)
 
 
 @triton.jit
 def uniform_from_uint32(o):
-    """uint32 → float32 in (0, 1), exact: ((o >> 8) + ½)·2⁻²⁴."""
-    return ((o >> 8).to(tl.float32) + 0.5) * TWO_POW_M24
+    """uint32 → float32 in (0, 1]: ((o >> 8) + ½)·2⁻²⁴ as one exact-rounded FMA (the same
+    value as adding ½ and scaling)."""
+    return tl.fma((o >> 8).to(tl.float32), TWO_POW_M24, TWO_POW_M25)
+
+
+@triton.jit
+def neg_two_log(u):
+    """−2·ln u for u in (0, 1], without branches."""
+    bits = u.to(tl.int32, bitcast=True)
+    e = (bits - SQRT_HALF_BITS) >> 23
+    f = (bits - (e << 23)).to(tl.float32, bitcast=True) - 1.0
+    p = tl.fma(tl.full(f.shape, LOGP7, tl.float32), f, LOGP6)
+    p = tl.fma(p, f, LOGP5)
+    p = tl.fma(p, f, LOGP4)
+    p = tl.fma(p, f, LOGP3)
+    p = tl.fma(p, f, LOGP2)
+    p = tl.fma(p, f, LOGP1)
+    p = tl.fma(p, f, LOGP0)
+    return tl.fma(e.to(tl.float32), NEG_TWO_LN2, p * f)
 
 
 @triton.jit
 def _cos_sin(theta, FAST: tl.constexpr):
-    """cos θ, sin θ for θ in (0, 2π). FAST (NVIDIA only): sin.approx/cos.approx, absolute
-    error < 2⁻²⁰ — within the spec's 1e-5 for GPU fast math once scaled by ρ < 6."""
+    """cos θ, sin θ for θ in (0, 2π]. FAST (NVIDIA only): cos.approx/sin.approx, absolute
+    error < 2⁻²⁰ — within the 1e-5 of GPU fast math once scaled by ρ < 6."""
     if FAST:
         return libdevice.fast_cosf(theta), libdevice.fast_sinf(theta)
     else:
@@ -72,68 +117,36 @@ def _cos_sin(theta, FAST: tl.constexpr):
 
 
 @triton.jit
-def box_muller(o0, o1, FAST: tl.constexpr):
-    u0 = uniform_from_uint32(o0)
-    u1 = uniform_from_uint32(o1)
-    rho = tl.sqrt(-2.0 * tl.log(u0))
-    theta = u1 * TWO_PI_F32
+def box_muller(oa, ob, FAST: tl.constexpr):
+    """Two uint32 words → two float32 normals: ρ cos θ, ρ sin θ."""
+    rho = tl.sqrt(neg_two_log(uniform_from_uint32(oa)))
+    theta = uniform_from_uint32(ob) * TWO_PI_F32
     c, s = _cos_sin(theta, FAST)
     return rho * c, rho * s
 
 
 @triton.jit
-def philox_normal4(g, tword, k0, k1, FAST: tl.constexpr):
-    """One Philox call per counter g: the four normals of elements 4g .. 4g+3, interleaved
-    back into element order (result has 4× the length of g)."""
-    o0, o1, o2, o3 = philox_raw(g, tword, k0, k1)
+def normals4(g, tword, sword, k0, k1, IDX64: tl.constexpr, FAST: tl.constexpr):
+    """One Philox call per counter g: the four normals z0..z3 of elements 4g .. 4g+3."""
+    o0, o1, o2, o3 = philox_words(g, tword, sword, k0, k1, IDX64)
     z0, z1 = box_muller(o0, o1, FAST)
     z2, z3 = box_muller(o2, o3, FAST)
-    # interleave(interleave(z0, z2), interleave(z1, z3)) = z0[0], z1[0], z2[0], z3[0], z0[1], ...
-    return tl.interleave(tl.interleave(z0, z2), tl.interleave(z1, z3))
+    return z0, z1, z2, z3
 
 
 @triton.jit
-def philox_normal_at(i, tword, k0, k1, FAST: tl.constexpr):
-    """The normal of logical element index i (int64 or int32 tensor, ≥ 0), element by element."""
-    g = (i >> 2).to(tl.int64)
-    rsel = i & 3
-    o0, o1, o2, o3 = philox_raw(g, tword, k0, k1)
-    lo = rsel < 2
-    ua = uniform_from_uint32(tl.where(lo, o0, o2))
-    ub = uniform_from_uint32(tl.where(lo, o1, o3))
-    rho = tl.sqrt(-2.0 * tl.log(ua))
-    theta = ub * TWO_PI_F32
+def interleave4(a0, a1, a2, a3):
+    """[n] × 4 → [4n]: a0[0], a1[0], a2[0], a3[0], a0[1], ..."""
+    return tl.interleave(tl.interleave(a0, a2), tl.interleave(a1, a3))
+
+
+@triton.jit
+def normal_at(i, tword, sword, k0, k1, IDX64: tl.constexpr, FAST: tl.constexpr):
+    """The normal of logical element index i (≥ 0; int64 when IDX64), element by element."""
+    o0, o1, o2, o3 = philox_words(i >> 2, tword, sword, k0, k1, IDX64)
+    lane = (i & 3).to(tl.int32)
+    lo = lane < 2
+    rho = tl.sqrt(neg_two_log(uniform_from_uint32(tl.where(lo, o0, o2))))
+    theta = uniform_from_uint32(tl.where(lo, o1, o3)) * TWO_PI_F32
     c, s = _cos_sin(theta, FAST)
-    return tl.where((rsel & 1) == 0, rho * c, rho * s)
-
-
-@triton.jit
-def _philox_uint32_kernel(out_ptr, seed_ptr, t_ptr, s_seed, s_t, numel,
-                          BLOCK: tl.constexpr):
-    pid = tl.program_id(0).to(tl.int64)
-    nblk = tl.cdiv(numel, BLOCK)
-    b = pid // nblk
-    blk = pid - b * nblk
-    k0, k1 = philox_key(tl.load(seed_ptr + b * s_seed))
-    tword = tl.load(t_ptr + b * s_t).to(tl.uint32)
-    g = blk * (BLOCK // 4) + tl.arange(0, BLOCK // 4)
-    o0, o1, o2, o3 = philox_raw(g, tword, k0, k1)
-    o = tl.interleave(tl.interleave(o0, o2), tl.interleave(o1, o3))
-    offs = blk * BLOCK + tl.arange(0, BLOCK)
-    tl.store(out_ptr + b * numel + offs, o.to(tl.int64), mask=offs < numel)
-
-
-def philox_uint32(seeds: torch.Tensor, t: torch.Tensor, numel: int) -> torch.Tensor:
-    """The raw stream: int64 ``[B, numel]`` of uint32 values on ``seeds``' device, element i
-    taking output i mod 4 of Philox4x32-10((i//4 lo, i//4 hi, t[b], 0), key=seeds[b])."""
-    B = seeds.shape[0]
-    numel = int(numel)
-    out = torch.empty((B, numel), dtype=torch.int64, device=seeds.device)
-    if B == 0 or numel == 0:
-        return out
-    t = t.to(device=seeds.device, dtype=torch.int64)
-    seeds = seeds.to(torch.int64)
-    BLOCK = 1024
-    grid = (B * triton.cdiv(numel, BLOCK),)
-    _philox_uint32_kernel[grid](out, seeds, t, seeds.stride(0), t.stride(0), numel, BLOCK=BLOCK)
-    return out
+    return rho * tl.where((lane & 1) == 0, c, s)

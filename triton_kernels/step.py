@@ -1,308 +1,416 @@
-"""Triton kernels of the fused DDPM/DDIM step, forward and backward (contract: docs/kernels.md).
+"""Triton kernels of the affine step, forward and backward (contract: docs/kernels.md).
 
-Per element, with the table row c = table[clamp(t[b], 0, T-1)] (columns:
-``fused_ddpm/coefficients.py``)::
+Per element of sample b, with the row c = table[clamp(t[b], 0, R − 1)]::
 
-    xr = c.u·x + c.w·m;  xh = xr | clamp(xr, ±clip) | clamp(xr, ±s_b)/s_b
-    σ  = c.s | c.s·√v | c.s·exp(½(f·c.lb + (1−f)·c.lt)), f = (v+1)/2
-    y  = c.p·xh + c.q·x + c.r·m + σ·z;   x0 = xh
+    m  = M  |  k_b·((1 − g)·M + g·MC)            (guided)
+    xr = c.U·x + c.W·m + c.E·z;   xh = xr | clamp(xr, ±clip) | clamp(xr, ±s_b)/s_b
+    σ  = c.S | c.S·√v | c.S·exp(c.VA + c.VB·v)
+    y  = c.P·xh + c.Q·x + c.R·m + c.H·h + σ·z;   x0 = xh
 
-Grid: one flat axis of B · cdiv(N, BLOCK) programs; program k handles the contiguous chunk
-k mod nblk of sample k // nblk (N = elements per sample, walked as one dense vector; only the
-batch stride differs between tensors). The coefficient row is loaded once per program as
-scalars; math is fp32, storage in the tensors' dtype.
+Which terms exist is the TERMS flag, a constexpr: a clear bit removes its term from the
+code, a set bit computes it as c·value. Everything per sample (the row, t, the seed, the
+guidance factors, the threshold) is loaded once per program as scalars; math is float32,
+storage in the tensors' dtype. Programs walk the samples as described in :mod:`.tiles`.
 """
 from __future__ import annotations
 
-import os
+from typing import Optional, Sequence
 
 import torch
 import triton
 import triton.language as tl
 
-from .philox import philox_key, philox_normal4, philox_normal_at
+from ..contract import Flag, In, Noise, Out, Scalar
+from .checks import check_backward, check_forward
+from .consts import (CLIP_DYNAMIC, CLIP_NONE, CLIP_STATIC, COL_E, COL_H, COL_P, COL_Q, COL_R,
+                     COL_S, COL_U, COL_VA, COL_VB, COL_W, IN_H, IN_M, IN_MC, IN_V, IN_X, IN_Z,
+                     NCOLS, NOISE_PHILOX, VAR_EXP, VAR_FIXED, VAR_SQRT)
+from .tiles import FAST_SINCOS, Launch, plan, program_elements, program_noise
 
-INTERPRET = os.environ.get("TRITON_INTERPRET", "0") == "1"
-# Block size used under the interpreter (no autotuning there); tests may change it.
-INTERPRET_BLOCK = 256
-# Samples of at least this many elements use int64 index math for the channels-last mapping.
-_IDX32_LIMIT = 2 ** 31
-# Box–Muller with sin.approx/cos.approx on NVIDIA GPUs (DESIGN.md §3 allows 1e-5 for GPU fast
-# math); FUSED_DDPM_TRITON_ACCURATE_SINCOS=1 selects the accurate libdevice versions.
-FAST_SINCOS = (not INTERPRET and torch.version.hip is None
-               and os.environ.get("FUSED_DDPM_TRITON_ACCURATE_SINCOS", "0") != "1")
+LOG2E = tl.constexpr(1.4426950408889634)
 
 
 @triton.jit
-def _row(table_ptr, t_ptr, s_t, b, T):
+def _bit(MASK: tl.constexpr, BIT: tl.constexpr):
+    # (not MASK >> BIT: the interpreter hands constexpr arguments in as plain ints)
+    return (MASK // 2 ** BIT) % 2
+
+
+@triton.jit
+def _add(acc, term, FIRST: tl.constexpr):
+    """acc + term, or term alone when it is the first term of its sum."""
+    if FIRST:
+        return term
+    else:
+        return acc + term
+
+
+@triton.jit
+def _row(table_ptr, t_ptr, s_t, b, R):
+    """(pointer to the coefficient row of sample b, raw t[b])."""
     tb = tl.load(t_ptr + b * s_t)
-    row = tl.minimum(tl.maximum(tb, 0), T - 1).to(tl.int64)
-    return table_ptr + row * 8, tb
+    row = tl.minimum(tl.maximum(tb, 0), R - 1)
+    return table_ptr + row * NCOLS, tb
 
 
 @triton.jit
-def _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
-           EXT_NOISE: tl.constexpr, CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
-           FAST: tl.constexpr, BLOCK: tl.constexpr):
-    if EXT_NOISE:
-        z = tl.load(z_ptr + b * sz + offs, mask=mask, other=0.0).to(tl.float32)
+def _load(ptr, stride, b, offs, mask):
+    """The float32 values of one stream at this program's elements (``ptr`` of sample 0)."""
+    return tl.load(ptr + b.to(tl.int64) * stride + offs, mask=mask).to(tl.float32)
+
+
+@triton.jit
+def _store(ptr, stride, b, offs, mask, value):
+    tl.store(ptr + b.to(tl.int64) * stride + offs, value.to(ptr.dtype.element_ty), mask=mask)
+
+
+@triton.jit
+def _guidance(gscale_ptr, s_gs, b, guidance, GSCALE: tl.constexpr):
+    """(a1, a2) with m = a1·M + a2·MC: a1 = k_b(1 − g), a2 = k_b·g."""
+    a1 = 1.0 - guidance
+    a2 = guidance
+    if GSCALE:
+        k = tl.load(gscale_ptr + b * s_gs)
+        a1 = a1 * k
+        a2 = a2 * k
+    return a1, a2
+
+
+@triton.jit
+def _sigma(cb, v, VAR: tl.constexpr):
+    """σ: c.S (a scalar), c.S·√v or c.S·2^(log2e·(c.VA + c.VB·v))."""
+    cs = tl.load(cb + COL_S)
+    if VAR == VAR_SQRT:
+        return cs * tl.sqrt(v)
+    elif VAR == VAR_EXP:
+        va = tl.load(cb + COL_VA) * LOG2E
+        vb = tl.load(cb + COL_VB) * LOG2E
+        return cs * tl.exp2(va + vb * v)
     else:
-        k0, k1 = philox_key(tl.load(seed_ptr + b * s_seed))
-        tword = tb.to(tl.uint32)
-        if CHANNELS_LAST:
-            # storage position s → logical index (s % C)·S + s // C
-            if IDX64:
-                sidx = offs
-            else:
-                sidx = offs.to(tl.int32)
-            i = (sidx % C) * S + sidx // C
-            z = philox_normal_at(i, tword, k0, k1, FAST)
+        return cs
+
+
+@triton.jit
+def _clip(xr, clip, inv_s, s, CLIP: tl.constexpr):
+    if CLIP == CLIP_STATIC:
+        return tl.clamp(xr, -clip, clip, propagate_nan=tl.PropagateNan.ALL)
+    elif CLIP == CLIP_DYNAMIC:
+        return tl.clamp(xr, -s, s, propagate_nan=tl.PropagateNan.ALL) * inv_s
+    else:
+        return xr
+
+
+@triton.jit(do_not_specialize=["sword"])
+def _step_fwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, y_ptr, x0_ptr,
+                     t_ptr, seed_ptr, table_ptr, thresh_ptr, gscale_ptr,
+                     sx, sm, smc, sv, sz, sh, sy, sx0, s_t, s_seed, s_thr, s_gs,
+                     N, C, S, R, clip, guidance, sword,
+                     CLIP: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr,
+                     TERMS: tl.constexpr, GUIDED: tl.constexpr, GSCALE: tl.constexpr,
+                     WRITE_X0: tl.constexpr, WALK: tl.constexpr, CL_C: tl.constexpr,
+                     CL_K: tl.constexpr, CL_NP: tl.constexpr, IDX64: tl.constexpr,
+                     EVEN: tl.constexpr, GRID2D: tl.constexpr, FAST: tl.constexpr,
+                     BLOCK: tl.constexpr):
+    HU: tl.constexpr = _bit(TERMS, COL_U)
+    HW: tl.constexpr = _bit(TERMS, COL_W)
+    HE: tl.constexpr = _bit(TERMS, COL_E)
+    HP: tl.constexpr = _bit(TERMS, COL_P)
+    HQ: tl.constexpr = _bit(TERMS, COL_Q)
+    HR: tl.constexpr = _bit(TERMS, COL_R)
+    HH: tl.constexpr = _bit(TERMS, COL_H)
+    HS: tl.constexpr = _bit(TERMS, COL_S)
+    NEED_XH: tl.constexpr = HP or WRITE_X0
+    GV: tl.constexpr = 32 // y_ptr.dtype.element_ty.primitive_bitwidth
+
+    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CL_K, CL_NP, IDX64, EVEN,
+                                            GRID2D, BLOCK)
+    cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
+
+    if HU or HQ:
+        x = _load(x_ptr, sx, b, offs, mask)
+    if HW or HR:
+        m = _load(m_ptr, sm, b, offs, mask)
+        if GUIDED:
+            a1, a2 = _guidance(gscale_ptr, s_gs, b, guidance, GSCALE)
+            m = a1 * m + a2 * _load(mc_ptr, smc, b, offs, mask)
+    if HS or HE:
+        if NOISE == NOISE_PHILOX:
+            z = program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
+                              sword.to(tl.uint32), C, S, WALK, CL_C, CL_K, CL_NP,
+                              IDX64, FAST, BLOCK, GV)
         else:
-            # BLOCK is a multiple of 4 and chunks start at multiples of BLOCK: one Philox
-            # call per 4 consecutive elements.
-            g = start // 4 + tl.arange(0, BLOCK // 4)
-            z = philox_normal4(g, tword, k0, k1, FAST)
-    return z
+            z = _load(z_ptr, sz, b, offs, mask)
 
+    if NEED_XH:
+        xr = 0.0
+        if HU:
+            xr = tl.load(cb + COL_U) * x
+        if HW:
+            xr = _add(xr, tl.load(cb + COL_W) * m, not HU)
+        if HE:
+            xr = _add(xr, tl.load(cb + COL_E) * z, not (HU or HW))
+        if not (HU or HW or HE):
+            xr = tl.zeros(offs.shape, tl.float32)
+        s = 1.0
+        inv_s = 1.0
+        if CLIP == CLIP_DYNAMIC:
+            s = tl.load(thresh_ptr + b * s_thr)
+            inv_s = 1.0 / s
+        xh = _clip(xr, clip, inv_s, s, CLIP)
 
-@triton.jit
-def _program_block(N, BLOCK: tl.constexpr):
-    """This program's chunk: sample b, elements [start, start + BLOCK) of its N (masked)."""
-    pid = tl.program_id(0).to(tl.int64)
-    nblk = tl.cdiv(N, BLOCK)
-    b = pid // nblk
-    start = (pid - b * nblk) * BLOCK
-    offs = start + tl.arange(0, BLOCK)
-    return b, start, offs, offs < N
-
-
-@triton.jit
-def _sigma(v_ptr, sv, b, offs, mask, cb, cs, VAR_MODE: tl.constexpr):
-    """(σ, v): fixed σ = s; learned σ = s·√v; learned_range σ = s·exp(½(f·lb + (1−f)·lt)),
-    f = (v+1)/2 (docs/kernels.md). v is the loaded variance half (a dummy when fixed)."""
-    if VAR_MODE == 1:
-        v = tl.load(v_ptr + b * sv + offs, mask=mask, other=1.0).to(tl.float32)
-        sigma = cs * tl.sqrt(v)
-    elif VAR_MODE == 2:
-        v = tl.load(v_ptr + b * sv + offs, mask=mask, other=0.0).to(tl.float32)
-        f = (v + 1.0) * 0.5
-        sigma = cs * tl.exp(0.5 * (f * tl.load(cb + 6) + (1.0 - f) * tl.load(cb + 7)))
-    else:
-        v = cs
-        sigma = cs
-    return sigma, v
-
-
-@triton.jit
-def _term(c, v):
-    # A coefficient that is exactly 0 drops its term, even for inf/NaN inputs, as the formula
-    # it stands for has no such term (e.g. r = 0 in a clipped DDPM step).
-    return tl.where(c == 0.0, 0.0, c * v)
-
-
-@triton.jit
-def _step_fwd_kernel(x_ptr, m_ptr, v_ptr, z_ptr, y_ptr, x0_ptr,
-                     seed_ptr, t_ptr, table_ptr, thresh_ptr,
-                     sx, sm, sv, sz, sy, sx0, s_seed, s_t, s_thr,
-                     N, C, S, T, clip, N_BUCKET,
-                     CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr,
-                     EXT_NOISE: tl.constexpr, WRITE_X0: tl.constexpr,
-                     CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
-                     FAST: tl.constexpr, BLOCK: tl.constexpr):
-    b, start, offs, mask = _program_block(N, BLOCK)
-
-    cb, tb = _row(table_ptr, t_ptr, s_t, b, T)
-    u = tl.load(cb + 0)
-    w = tl.load(cb + 1)
-    p = tl.load(cb + 2)
-    q = tl.load(cb + 3)
-    r = tl.load(cb + 4)
-    cs = tl.load(cb + 5)
-
-    x = tl.load(x_ptr + b * sx + offs, mask=mask, other=0.0).to(tl.float32)
-    m = tl.load(m_ptr + b * sm + offs, mask=mask, other=0.0).to(tl.float32)
-
-    xr = _term(u, x) + _term(w, m)
-    if CLIP_MODE == 1:
-        xh = tl.minimum(tl.maximum(xr, -clip, propagate_nan=tl.PropagateNan.ALL), clip,
-                        propagate_nan=tl.PropagateNan.ALL)
-    elif CLIP_MODE == 2:
-        th = tl.load(thresh_ptr + b * s_thr).to(tl.float32)
-        xh = tl.minimum(tl.maximum(xr, -th, propagate_nan=tl.PropagateNan.ALL), th,
-                        propagate_nan=tl.PropagateNan.ALL) / th
-    else:
-        xh = xr
-
-    sigma, v = _sigma(v_ptr, sv, b, offs, mask, cb, cs, VAR_MODE)
-
-    z = _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
-               EXT_NOISE, CHANNELS_LAST, IDX64, FAST, BLOCK)
-    y = _term(p, xh) + _term(q, x) + _term(r, m) + sigma * z
-    tl.store(y_ptr + b * sy + offs, y.to(y_ptr.dtype.element_ty), mask=mask)
+    y = 0.0
+    if HP:
+        y = tl.load(cb + COL_P) * xh
+    if HQ:
+        y = _add(y, tl.load(cb + COL_Q) * x, not HP)
+    if HR:
+        y = _add(y, tl.load(cb + COL_R) * m, not (HP or HQ))
+    if HH:
+        y = _add(y, tl.load(cb + COL_H) * _load(h_ptr, sh, b, offs, mask), not (HP or HQ or HR))
+    if HS:
+        v = 0.0
+        if VAR != VAR_FIXED:
+            v = _load(v_ptr, sv, b, offs, mask)
+        y = _add(y, _sigma(cb, v, VAR) * z, not (HP or HQ or HR or HH))
+    if not (HP or HQ or HR or HH or HS):
+        y = tl.zeros(offs.shape, tl.float32)
+    _store(y_ptr, sy, b, offs, mask, y)
     if WRITE_X0:
-        tl.store(x0_ptr + b * sx0 + offs, xh.to(x0_ptr.dtype.element_ty), mask=mask)
+        _store(x0_ptr, sx0, b, offs, mask, xh)
 
 
-@triton.jit
-def _step_bwd_kernel(gy_ptr, gx0_ptr, x_ptr, m_ptr, v_ptr, z_ptr,
-                     seed_ptr, t_ptr, table_ptr, thresh_ptr,
-                     gx_ptr, gm_ptr, gv_ptr, gz_ptr,
-                     sgy, sgx0, sx, sm, sv, sz, s_seed, s_t, s_thr,
-                     sgx, sgm, sgv, sgz,
-                     N, C, S, T, clip, N_BUCKET,
-                     CLIP_MODE: tl.constexpr, VAR_MODE: tl.constexpr,
-                     EXT_NOISE: tl.constexpr, HAS_GX0: tl.constexpr,
-                     HAS_GX: tl.constexpr, HAS_GM: tl.constexpr,
-                     HAS_GV: tl.constexpr, HAS_GZ: tl.constexpr,
-                     CHANNELS_LAST: tl.constexpr, IDX64: tl.constexpr,
+@triton.jit(do_not_specialize=["sword"])
+def _step_bwd_kernel(x_ptr, m_ptr, mc_ptr, v_ptr, z_ptr, h_ptr, gy_ptr, g0_ptr,
+                     gx_ptr, gm_ptr, gmc_ptr, gv_ptr, gz_ptr, gh_ptr,
+                     t_ptr, seed_ptr, table_ptr, thresh_ptr, gscale_ptr,
+                     sx, sm, smc, sv, sz, sh, sgy, sg0, sgx, sgm, sgmc, sgv, sgz, sgh,
+                     s_t, s_seed, s_thr, s_gs,
+                     N, C, S, R, clip, guidance, sword,
+                     CLIP: tl.constexpr, VAR: tl.constexpr, NOISE: tl.constexpr,
+                     TERMS: tl.constexpr, GUIDED: tl.constexpr, GSCALE: tl.constexpr,
+                     HAS_G0: tl.constexpr, WANT: tl.constexpr, WALK: tl.constexpr,
+                     CL_C: tl.constexpr, CL_K: tl.constexpr, CL_NP: tl.constexpr,
+                     IDX64: tl.constexpr, EVEN: tl.constexpr, GRID2D: tl.constexpr,
                      FAST: tl.constexpr, BLOCK: tl.constexpr):
-    b, start, offs, mask = _program_block(N, BLOCK)
+    HU: tl.constexpr = _bit(TERMS, COL_U)
+    HW: tl.constexpr = _bit(TERMS, COL_W)
+    HE: tl.constexpr = _bit(TERMS, COL_E)
+    HP: tl.constexpr = _bit(TERMS, COL_P)
+    HQ: tl.constexpr = _bit(TERMS, COL_Q)
+    HR: tl.constexpr = _bit(TERMS, COL_R)
+    HH: tl.constexpr = _bit(TERMS, COL_H)
+    HS: tl.constexpr = _bit(TERMS, COL_S)
+    WX: tl.constexpr = _bit(WANT, IN_X)
+    WM: tl.constexpr = _bit(WANT, IN_M) or _bit(WANT, IN_MC)
+    WV: tl.constexpr = _bit(WANT, IN_V)
+    WZ: tl.constexpr = _bit(WANT, IN_Z)
+    WH: tl.constexpr = _bit(WANT, IN_H)
+    # a = (gy·P + g0)·dh exists when P or g0 does, and is needed by the U, W and E terms
+    HA: tl.constexpr = HP or HAS_G0
+    NEED_A: tl.constexpr = HA and ((WX and HU) or (WM and HW) or (WZ and HE))
+    NEED_XR: tl.constexpr = NEED_A and CLIP != CLIP_NONE
+    NEED_Z: tl.constexpr = (WV and HS) or (NEED_XR and HE)
+    GV: tl.constexpr = 32 // gy_ptr.dtype.element_ty.primitive_bitwidth
 
-    cb, tb = _row(table_ptr, t_ptr, s_t, b, T)
-    cs = tl.load(cb + 5)
-    gy = tl.load(gy_ptr + b * sgy + offs, mask=mask, other=0.0).to(tl.float32)
-
-    if HAS_GX or HAS_GM:
-        u = tl.load(cb + 0)
-        w = tl.load(cb + 1)
-        p = tl.load(cb + 2)
-        q = tl.load(cb + 3)
-        r = tl.load(cb + 4)
-        if CLIP_MODE == 0:
-            a = gy * p                      # dh = 1: x and m are not needed
+    b, start, offs, mask = program_elements(N, S, WALK, CL_C, CL_K, CL_NP, IDX64, EVEN,
+                                            GRID2D, BLOCK)
+    cb, tb = _row(table_ptr, t_ptr, s_t, b, R)
+    gy = _load(gy_ptr, sgy, b, offs, mask)
+    if GUIDED:
+        a1, a2 = _guidance(gscale_ptr, s_gs, b, guidance, GSCALE)
+    if NEED_Z:
+        if NOISE == NOISE_PHILOX:
+            z = program_noise(b, start, offs, seed_ptr, s_seed, tb.to(tl.uint32),
+                              sword.to(tl.uint32), C, S, WALK, CL_C, CL_K, CL_NP,
+                              IDX64, FAST, BLOCK, GV)
         else:
-            x = tl.load(x_ptr + b * sx + offs, mask=mask, other=0.0).to(tl.float32)
-            m = tl.load(m_ptr + b * sm + offs, mask=mask, other=0.0).to(tl.float32)
-            xr = _term(u, x) + _term(w, m)
-            if CLIP_MODE == 1:
-                dh = ((xr >= -clip) & (xr <= clip)).to(tl.float32)
-            else:
-                th = tl.load(thresh_ptr + b * s_thr).to(tl.float32)
-                dh = ((xr >= -th) & (xr <= th)).to(tl.float32) / th
-            a = gy * p * dh
-        if HAS_GX0:
-            gx0 = tl.load(gx0_ptr + b * sgx0 + offs, mask=mask, other=0.0).to(tl.float32)
-            if CLIP_MODE == 0:
-                a = a + gx0
-            else:
-                a = a + gx0 * dh
-        # grad_x = gy·q + (gy·p + gx0)·u·dh ; grad_m = gy·r + (gy·p + gx0)·w·dh
-        if HAS_GX:
-            gx = gy * q + a * u
-            tl.store(gx_ptr + b * sgx + offs, gx.to(gx_ptr.dtype.element_ty), mask=mask)
-        if HAS_GM:
-            gm = gy * r + a * w
-            tl.store(gm_ptr + b * sgm + offs, gm.to(gm_ptr.dtype.element_ty), mask=mask)
+            z = _load(z_ptr, sz, b, offs, mask)
 
-    if HAS_GV or HAS_GZ:
-        sigma, v = _sigma(v_ptr, sv, b, offs, mask, cb, cs, VAR_MODE)
-        if HAS_GZ:
+    if NEED_A:
+        a = 0.0
+        if HP:
+            a = gy * tl.load(cb + COL_P)
+        if HAS_G0:
+            a = _add(a, _load(g0_ptr, sg0, b, offs, mask), not HP)
+        if NEED_XR:
+            xr = 0.0
+            if HU:
+                xr = tl.load(cb + COL_U) * _load(x_ptr, sx, b, offs, mask)
+            if HW:
+                m = _load(m_ptr, sm, b, offs, mask)
+                if GUIDED:
+                    m = a1 * m + a2 * _load(mc_ptr, smc, b, offs, mask)
+                xr = _add(xr, tl.load(cb + COL_W) * m, not HU)
+            if HE:
+                xr = _add(xr, tl.load(cb + COL_E) * z, not (HU or HW))
+            if not (HU or HW or HE):
+                xr = tl.zeros(offs.shape, tl.float32)
+            if CLIP == CLIP_STATIC:
+                a = tl.where((xr >= -clip) & (xr <= clip), a, 0.0)
+            else:
+                s = tl.load(thresh_ptr + b * s_thr)
+                a = tl.where((xr >= -s) & (xr <= s), a * (1.0 / s), 0.0)
+
+    if WZ or WV:
+        v = 0.0
+        if VAR != VAR_FIXED:
+            if HS:
+                # (out-of-bounds lanes read 1: no 0/0 in lanes that are never stored)
+                v = tl.load(v_ptr + b.to(tl.int64) * sv + offs, mask=mask,
+                            other=1.0).to(tl.float32)
+        if HS:
+            sigma = _sigma(cb, v, VAR)
+
+    # every input is loaded above, so a gradient may be written over an input
+    if WX:
+        gx = 0.0
+        if HQ:
+            gx = gy * tl.load(cb + COL_Q)
+        if HU and HA:
+            gx = _add(gx, a * tl.load(cb + COL_U), not HQ)
+        if not (HQ or (HU and HA)):
+            gx = tl.zeros(offs.shape, tl.float32)
+        _store(gx_ptr, sgx, b, offs, mask, gx)
+    if WM:
+        gm = 0.0
+        if HR:
+            gm = gy * tl.load(cb + COL_R)
+        if HW and HA:
+            gm = _add(gm, a * tl.load(cb + COL_W), not HR)
+        if not (HR or (HW and HA)):
+            gm = tl.zeros(offs.shape, tl.float32)
+        if GUIDED:
+            if _bit(WANT, IN_M):
+                _store(gm_ptr, sgm, b, offs, mask, gm * a1)
+            if _bit(WANT, IN_MC):
+                _store(gmc_ptr, sgmc, b, offs, mask, gm * a2)
+        else:
+            _store(gm_ptr, sgm, b, offs, mask, gm)
+    if WZ:
+        gz = 0.0
+        if HS:
             gz = gy * sigma
-            tl.store(gz_ptr + b * sgz + offs, gz.to(gz_ptr.dtype.element_ty), mask=mask)
-        if HAS_GV:
-            z = _noise(z_ptr, sz, b, start, offs, mask, seed_ptr, s_seed, tb, N, C, S,
-                       EXT_NOISE, CHANNELS_LAST, IDX64, FAST, BLOCK)
-            if VAR_MODE == 1:
-                gv = gy * z * cs / (2.0 * tl.sqrt(v))               # dσ/dv = s/(2√v)
-            else:
-                lb = tl.load(cb + 6)
-                lt = tl.load(cb + 7)
-                gv = gy * z * sigma * ((lb - lt) * 0.25)           # dσ/dv = σ(lb − lt)/4
-            tl.store(gv_ptr + b * sgv + offs, gv.to(gv_ptr.dtype.element_ty), mask=mask)
+        if HE and HA:
+            gz = _add(gz, a * tl.load(cb + COL_E), not HS)
+        if not (HS or (HE and HA)):
+            gz = tl.zeros(offs.shape, tl.float32)
+        _store(gz_ptr, sgz, b, offs, mask, gz)
+    if WH:
+        if HH:
+            gh = gy * tl.load(cb + COL_H)
+        else:
+            gh = tl.zeros(offs.shape, tl.float32)
+        _store(gh_ptr, sgh, b, offs, mask, gh)
+    if WV:
+        if HS and VAR == VAR_SQRT:
+            # dσ/dv = S/(2√v)
+            gv = gy * z * (0.5 * tl.load(cb + COL_S)) / tl.sqrt(v)
+        elif HS and VAR == VAR_EXP:
+            # dσ/dv = σ·VB
+            gv = gy * z * sigma * tl.load(cb + COL_VB)
+        else:
+            gv = tl.zeros(offs.shape, tl.float32)
+        _store(gv_ptr, sgv, b, offs, mask, gv)
 
 
-def _configs():
-    # At most 8 elements per thread and 8 warps: BLOCK 4096 (16 per thread on 8 warps, or
-    # 16 warps' 128-register cap) spills on sm_90 for channels_last in-kernel noise
-    # (.ci/triton_compile_check.py compiles every variant and fails on spills).
-    return [triton.Config({"BLOCK": bs}, num_warps=nw)
-            for bs, nw in ((512, 2), (1024, 4), (2048, 8))]
+# ----------------------------------------------------------------------------- launchers
+_X, _MC, _X0 = int(In.X), int(In.MC), int(Out.X0)
+_F_CLIP, _F_VAR, _F_NOISE, _F_LAYOUT, _F_TERMS, _F_STREAM = (
+    int(Flag.CLIP), int(Flag.VAR), int(Flag.NOISE), int(Flag.LAYOUT), int(Flag.TERMS),
+    int(Flag.NOISE_STREAM))
+_S_CLIP, _S_GUIDANCE = int(Scalar.CLIP), int(Scalar.GUIDANCE)
+_PHILOX = int(Noise.PHILOX)
 
 
-# N_BUCKET (bit length of N, unused by the kernels) keys the tuning cache: one tuning per
-# size class, not per exact size.
-_FWD_KEY = ["N_BUCKET", "CLIP_MODE", "VAR_MODE", "EXT_NOISE", "WRITE_X0", "CHANNELS_LAST"]
-_BWD_KEY = ["N_BUCKET", "CLIP_MODE", "VAR_MODE", "EXT_NOISE", "HAS_GX0", "HAS_GX", "HAS_GM",
-            "HAS_GV", "HAS_GZ", "CHANNELS_LAST"]
-
-if not INTERPRET:
-    # Outputs are restored after each benchmark run so autotuning is safe even when an
-    # output aliases an input (e.g. y written over x).
-    _fwd_tuned = triton.autotune(_configs(), key=_FWD_KEY,
-                                 restore_value=["y_ptr", "x0_ptr"])(_step_fwd_kernel)
-    _bwd_tuned = triton.autotune(_configs(), key=_BWD_KEY,
-                                 restore_value=["gx_ptr", "gm_ptr", "gv_ptr", "gz_ptr"]
-                                 )(_step_bwd_kernel)
-
-
-def _layout(x: torch.Tensor):
-    """(B, N, C, S, channels_last, idx64) for a sample-dense tensor x [B, C, *spatial]."""
-    B = x.shape[0]
-    C = x.shape[1] if x.dim() >= 2 else 1
-    N = x[0].numel() if B else 0
-    S = N // C if C else 0
-    cl = x.dim() >= 3 and C > 1 and S > 1 and x.stride(1) == 1
-    return B, N, C, S, cl, N >= _IDX32_LIMIT
-
-
-def _launch(fn_tuned, fn_plain, B, N, args, kwargs):
-    if INTERPRET:
-        BLOCK = INTERPRET_BLOCK
-        fn_plain[(B * triton.cdiv(N, BLOCK),)](*args, **kwargs, BLOCK=BLOCK)
-    else:
-        grid = lambda meta: (B * triton.cdiv(N, meta["BLOCK"]),)  # noqa: E731
-        fn_tuned[grid](*args, **kwargs)
+def _launch(kernel, ins, stream_outs, t, seeds, table, thresh, gscale, flags, scalars,
+            **const) -> Launch:
+    """The launch of ``kernel``: its arguments are, in order, the pointers of ``ins`` and
+    ``stream_outs`` (tensors like X, or None: then X stands in, never read), of t, seeds,
+    table, thresh and gscale (t or the table stands in), the batch strides of the same (0
+    where absent), then N, C, S, R, clip, guidance and the stream word."""
+    x = ins[_X]
+    noise = flags[_F_NOISE]
+    tensors = [*ins, *stream_outs]
+    p = plan(x.shape, flags[_F_LAYOUT], noise == _PHILOX, x.element_size(),
+             sum(a is not None for a in tensors))
+    samples = (t, t if seeds is None else seeds, table, table if thresh is None else thresh,
+               table if gscale is None else gscale)
+    args = ([x if a is None else a for a in tensors] + list(samples)
+            + [0 if a is None else a.stride(0) for a in tensors]
+            + [0 if a is None else a.stride(0) for a in (t, seeds, thresh, gscale)]
+            + [p.N, p.C, p.S, table.shape[0], float(scalars[_S_CLIP]),
+               float(scalars[_S_GUIDANCE]), int(flags[_F_STREAM])])
+    const.update(p.constexprs)
+    const.update(CLIP=int(flags[_F_CLIP]), VAR=int(flags[_F_VAR]), NOISE=int(noise),
+                 TERMS=int(flags[_F_TERMS]), GUIDED=ins[_MC] is not None,
+                 GSCALE=gscale is not None, FAST=FAST_SINCOS and x.is_cuda,
+                 num_warps=p.num_warps)
+    return Launch(kernel, p.grid, args, const)
 
 
-def step_forward(x, m, v, noise, seeds, t, table, thresh, y, x0, clip, clip_mode, var_mode):
-    """Forward step into ``y`` (and ``x0`` when given). See docs/kernels.md."""
-    B, N, C, S, cl, idx64 = _layout(x)
-    if B == 0 or N == 0:
+def forward_launch(ins, t, seeds, table, thresh, gscale, outs, flags, scalars
+                   ) -> Optional[Launch]:
+    """The kernel launch of :func:`step_forward` (arguments checked), or None when there is
+    nothing to compute."""
+    if ins[_X].numel() == 0:
         return None
-    ext = noise is not None
-    args = (x, m, v if var_mode else x, noise if ext else x, y, x0 if x0 is not None else y,
-            seeds if seeds is not None else t, t, table, thresh if thresh is not None else table,
-            x.stride(0), m.stride(0), v.stride(0) if var_mode else 0,
-            noise.stride(0) if ext else 0, y.stride(0), x0.stride(0) if x0 is not None else 0,
-            seeds.stride(0) if seeds is not None else 0, t.stride(0),
-            thresh.stride(0) if thresh is not None else 0,
-            N, C, S, table.shape[0], float(clip), N.bit_length())
-    kwargs = dict(CLIP_MODE=int(clip_mode), VAR_MODE=int(var_mode), EXT_NOISE=ext,
-                  WRITE_X0=x0 is not None, CHANNELS_LAST=cl, IDX64=idx64,
-                  FAST=FAST_SINCOS and x.is_cuda)
-    _launch(None if INTERPRET else _fwd_tuned, _step_fwd_kernel, B, N, args, kwargs)
-    return None
+    return _launch(_step_fwd_kernel, ins, outs, t, seeds, table, thresh, gscale, flags,
+                   scalars, WRITE_X0=outs[_X0] is not None)
 
 
-def step_backward(grad_y, grad_x0, x, m, v, noise, seeds, t, table, thresh,
-                  grad_x, grad_m, grad_v, grad_noise, clip, clip_mode, var_mode):
-    """Backward of the step into the given ``grad_*`` (None ones are skipped)."""
-    B, N, C, S, cl, idx64 = _layout(x)
-    if B == 0 or N == 0:
+def backward_launch(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads, flags,
+                    scalars) -> Optional[Launch]:
+    """The kernel launch of :func:`step_backward` (arguments checked), or None when there is
+    nothing to compute."""
+    want = sum(1 << i for i, g in enumerate(grads) if g is not None)
+    if ins[_X].numel() == 0 or not want:
         return None
-    ext = noise is not None
-    has_gv = grad_v is not None and var_mode != 0
-    has_gz = grad_noise is not None and ext
-    if grad_x is None and grad_m is None and not has_gv and not has_gz:
-        return None
-    d = grad_y  # dummy pointer for absent tensors (never dereferenced)
+    return _launch(_step_bwd_kernel, ins, [grad_y, grad_x0, *grads], t, seeds, table, thresh,
+                   gscale, flags, scalars, HAS_G0=grad_x0 is not None, WANT=want)
 
-    def st(a):
-        return a.stride(0) if a is not None else 0
 
-    args = (grad_y, grad_x0 if grad_x0 is not None else d, x, m, v if var_mode else d,
-            noise if ext else d, seeds if seeds is not None else t, t, table,
-            thresh if thresh is not None else table,
-            grad_x if grad_x is not None else d, grad_m if grad_m is not None else d,
-            grad_v if has_gv else d, grad_noise if has_gz else d,
-            grad_y.stride(0), st(grad_x0), x.stride(0), m.stride(0),
-            v.stride(0) if var_mode else 0, st(noise), st(seeds), t.stride(0), st(thresh),
-            st(grad_x), st(grad_m), st(grad_v) if has_gv else 0, st(grad_noise) if has_gz else 0,
-            N, C, S, table.shape[0], float(clip), N.bit_length())
-    kwargs = dict(CLIP_MODE=int(clip_mode), VAR_MODE=int(var_mode), EXT_NOISE=ext,
-                  HAS_GX0=grad_x0 is not None, HAS_GX=grad_x is not None,
-                  HAS_GM=grad_m is not None, HAS_GV=has_gv, HAS_GZ=has_gz,
-                  CHANNELS_LAST=cl, IDX64=idx64,
-                  FAST=FAST_SINCOS and x.is_cuda)
-    _launch(None if INTERPRET else _bwd_tuned, _step_bwd_kernel, B, N, args, kwargs)
-    return None
+def step_forward(ins: Sequence[Optional[torch.Tensor]], t: torch.Tensor,
+                 seeds: Optional[torch.Tensor], table: torch.Tensor,
+                 thresh: Optional[torch.Tensor], gscale: Optional[torch.Tensor],
+                 outs: Sequence[Optional[torch.Tensor]], flags: Sequence[int],
+                 scalars: Sequence[float]) -> None:
+    """The forward step into ``outs`` (docs/kernels.md: ``step_forward_kernel``).
+
+    ``ins``: [NUM_IN] streams ``[B, C, *spatial]`` fp16/bf16/fp32 or None; ``t``, ``seeds``:
+    int64 ``[B]``; ``table``: float32 ``[R, NUM_COLS]``; ``thresh``, ``gscale``: float32
+    ``[B]`` or None; ``outs``: [NUM_OUT] (Y always, X0 optional), written in place;
+    ``flags``: [NUM_FLAGS] ints; ``scalars``: [NUM_SCALARS] floats.
+    """
+    check_forward(ins, t, seeds, table, thresh, gscale, outs, flags, scalars)
+    step_forward_unchecked(ins, t, seeds, table, thresh, gscale, outs, flags, scalars)
+
+
+def step_forward_unchecked(ins, t, seeds, table, thresh, gscale, outs, flags, scalars) -> None:
+    """:func:`step_forward` without the argument checks, for arguments checked before."""
+    launch = forward_launch(ins, t, seeds, table, thresh, gscale, outs, flags, scalars)
+    if launch is not None:
+        launch()
+
+
+def step_backward(ins: Sequence[Optional[torch.Tensor]], grad_y: torch.Tensor,
+                  grad_x0: Optional[torch.Tensor], t: torch.Tensor,
+                  seeds: Optional[torch.Tensor], table: torch.Tensor,
+                  thresh: Optional[torch.Tensor], gscale: Optional[torch.Tensor],
+                  grads: Sequence[Optional[torch.Tensor]], flags: Sequence[int],
+                  scalars: Sequence[float]) -> None:
+    """The backward of the step into the given ``grads`` (docs/kernels.md:
+    ``step_backward_kernel``): ``grad_y`` (and ``grad_x0``) like X; ``grads``: [NUM_IN],
+    None where a gradient is not wanted; the other arguments as in :func:`step_forward`."""
+    check_backward(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads, flags,
+                   scalars)
+    step_backward_unchecked(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads,
+                            flags, scalars)
+
+
+def step_backward_unchecked(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads,
+                            flags, scalars) -> None:
+    """:func:`step_backward` without the argument checks, for arguments checked before."""
+    launch = backward_launch(ins, grad_y, grad_x0, t, seeds, table, thresh, gscale, grads,
+                             flags, scalars)
+    if launch is not None:
+        launch()
