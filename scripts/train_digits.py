@@ -51,31 +51,6 @@ UNET_CONFIG = dict(
 )
 
 
-# --- STAND-IN for fd.add_noise (being built on another branch). Same call and result:
-# --- (x_t, target). Delete once fused_ddpm.add_noise exists; retrain then.
-def _add_noise_standin(x0, t, schedule, *, seeds=None, noise=None, prediction_type="epsilon"):
-    """x_t = √ᾱ_t x0 + √(1−ᾱ_t) ε in plain torch; ε from ``noise`` or Philox(``seeds``, t)."""
-    from fused_ddpm.philox import philox_normal
-    if noise is None:
-        noise = philox_normal(seeds, t, tuple(x0.shape)).to(x0)
-    abar = schedule.alphas_cumprod.to(x0.device)[t].to(x0.dtype).view(-1, *[1] * (x0.dim() - 1))
-    a, s = abar.sqrt(), (1 - abar).sqrt()
-    x_t = a * x0 + s * noise
-    if prediction_type == "epsilon":
-        target = noise
-    elif prediction_type == "sample":
-        target = x0
-    elif prediction_type == "v_prediction":
-        target = a * noise - s * x0
-    else:
-        raise ValueError(f"prediction_type={prediction_type!r} is not supported")
-    return x_t, target
-
-
-add_noise = getattr(fd, "add_noise", _add_noise_standin)
-# --- END STAND-IN
-
-
 def train(args) -> dict:
     """Train with ``args`` (see :func:`main`) and write the pipeline to ``args.out``; returns
     the run's numbers. Restores torch's thread count and determinism setting afterwards."""
@@ -123,7 +98,8 @@ def _train(args) -> dict:
         y[torch.rand(y.shape, generator=gen) < args.label_dropout] = NULL_CLASS
         t = torch.randint(0, T, (x0.shape[0],), generator=gen)
         seeds = torch.randint(0, 2 ** 62, (x0.shape[0],), generator=gen)
-        x_t, target = add_noise(x0, t, schedule, seeds=seeds, prediction_type=PREDICTION_TYPE)
+        x_t, target = fd.add_noise(x0, t, schedule, seeds=seeds,
+                                   prediction_type=PREDICTION_TYPE)
         loss = F.mse_loss(unet(x_t, t, class_labels=y).sample, target)
         opt.zero_grad(set_to_none=True)
         loss.backward()
