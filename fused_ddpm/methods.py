@@ -13,6 +13,12 @@ Adding a prediction type, a variance type that one of the kernels' σ forms
 (:class:`fused_ddpm.contract.Var`) can express, or a step method of this affine form means
 adding an entry here and its formula to :mod:`fused_ddpm.reference`; nothing else.
 
+Methods indexed by **timestep** (DDPM, DDIM) have one row per training timestep, built from
+:class:`Scalars`; methods indexed by **step** (DPM-Solver++, Euler ancestral: sigma-based
+samplers whose timesteps may be fractional) have one row per step i of the inference
+schedule, built from :class:`SigmaScalars` (the sigma sequence σ_0 > … > σ_n). The formulas of
+each row are in ``docs/samplers.md``.
+
 Precision policies (one algebra, two arithmetics):
 
 * ``"float64"``: every per-row quantity in float64.
@@ -30,18 +36,21 @@ picks the dtype of :class:`Scalars`.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Callable, Dict, Mapping, Tuple, TypeVar
+from functools import partial
+from typing import TYPE_CHECKING, Callable, Dict, Mapping, Optional, Tuple, TypeVar, Union
 
 import torch
 from torch import Tensor
 
 from .contract import Col, Var
+from .schedule import dpmsolver_timesteps, euler_timesteps, inference_timesteps
 
 if TYPE_CHECKING:  # pragma: no cover
     from .coefficients import StepConfig
 
-__all__ = ["Scalars", "Prediction", "Variance", "Method", "PREDICTIONS", "VARIANCES",
-           "METHODS", "PRECISIONS", "lookup", "build_table"]
+__all__ = ["Scalars", "SigmaScalars", "Prediction", "Variance", "Method", "PREDICTIONS",
+           "VARIANCES", "METHODS", "PRECISIONS", "SOLVER_TYPES", "FINAL_SIGMAS", "lookup",
+           "build_table", "solver_orders"]
 
 Columns = Dict[Col, Tensor]
 Pair = Tuple[Tensor, Tensor]
@@ -111,6 +120,64 @@ class Scalars:
     def small_variance(self) -> Tensor:
         """β̃_t clamped to ≥ 1e-20 (diffusers' ``_get_variance``), in the policy's dtype."""
         return torch.clamp(self.beta_tilde, min=1e-20)
+
+
+@dataclass(frozen=True)
+class SigmaScalars:
+    """The per-row quantities of a sigma-based step i: σ_i → σ_{i+1}, tensors ``[n]`` in the
+    precision policy's dtype (``n`` steps, row i = step i).
+
+    σ is the "VE" noise level of the sequence (x = x0 + σ·ε in sigma space); the same state
+    in the variance-preserving form x_vp = α·x has α = 1/√(σ² + 1), σ_vp = σ·α and log-SNR
+    λ = log α − log σ_vp. Suffix ``_s``: step i (where the model is evaluated), ``_t``: step
+    i + 1 (where the step lands), ``_r``: step i − 1 (the previous model evaluation; row 0
+    repeats σ_0 there, and no builder uses it). ``t`` is the step position (int64).
+    """
+
+    t: Tensor
+    sigma_s: Tensor
+    sigma_t: Tensor
+    sigma_r: Tensor
+    alpha_s: Tensor
+    alpha_t: Tensor
+    svp_s: Tensor
+    svp_t: Tensor
+    lam_s: Tensor
+    lam_t: Tensor
+    lam_r: Tensor
+
+    @staticmethod
+    def of(sigmas: Tensor, dtype: torch.dtype) -> "SigmaScalars":
+        """From the sigma sequence (``[n + 1]``, the last entry the final sigma), in
+        ``dtype``, in diffusers' order of operations."""
+        sig = sigmas.to(dtype)
+        alpha = 1 / (sig ** 2 + 1) ** 0.5
+        svp = sig * alpha
+        lam = torch.log(alpha) - torch.log(svp)
+        n = sig.numel() - 1
+        prev = torch.cat([sig[:1], sig[:n - 1]]) if n else sig[:0]
+        lam_r = torch.cat([lam[:1], lam[:n - 1]]) if n else lam[:0]
+        return SigmaScalars(t=torch.arange(n), sigma_s=sig[:n], sigma_t=sig[1:], sigma_r=prev,
+                            alpha_s=alpha[:n], alpha_t=alpha[1:], svp_s=svp[:n],
+                            svp_t=svp[1:], lam_s=lam[:n], lam_t=lam[1:], lam_r=lam_r)
+
+    @property
+    def n(self) -> int:
+        return int(self.t.numel())
+
+    def const(self, value: float) -> Tensor:
+        """A float64 column holding ``value`` in every row."""
+        return torch.full(self.t.shape, float(value), dtype=torch.float64)
+
+    @property
+    def sa(self) -> Tensor:
+        """α at step i (the √ᾱ of the VP form the predictions are written in), float64."""
+        return self.alpha_s.double()
+
+    @property
+    def sb(self) -> Tensor:
+        """σ_vp at step i (the √(1 − ᾱ) of the VP form), float64."""
+        return self.svp_s.double()
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -203,7 +270,10 @@ class Method:
     channels the model output has. ``options``: the config options it reads besides the
     prediction type, the variance type and clipping. ``samples``: a sampler step that takes
     a model output (``add_noise`` is training-side: no model output). ``index_by``: rows are
-    training timesteps ("timestep") or step positions ("step").
+    training timesteps ("timestep", built from :class:`Scalars`) or step positions ("step",
+    built from :class:`SigmaScalars`). ``timesteps(T, n, spacing, steps_offset)``: the
+    timesteps of its diffusers scheduler's ``set_timesteps`` (``default_spacing``: that
+    scheduler's default ``timestep_spacing``).
     """
 
     name: str
@@ -215,6 +285,8 @@ class Method:
     samples: bool = True
     clips: bool = True
     index_by: str = "timestep"
+    timesteps: Callable[..., Tensor] = inference_timesteps
+    default_spacing: str = "leading"
 
 
 def _ddpm(s: Scalars, cfg: "StepConfig", pred: Prediction) -> Columns:
@@ -247,7 +319,83 @@ def _add_noise(s: Scalars, cfg: "StepConfig", pred: Prediction) -> Columns:
     return {Col.Q: s.sa, Col.S: s.sb, Col.U: c0, Col.E: ce}
 
 
+# ----------------------------------------------------------------------------- sigma-based
+#: DPM-Solver++ second-order variants: the coefficient c1 of D1 = (x̂0_i − x̂0_{i−1})/r from
+#: (α_t, c0 = the coefficient of x̂0_i, h_eff = h (ODE) or 2h (SDE)); Lu et al. 2022, with
+#: diffusers' "midpoint" and "heun" forms.
+SOLVER_TYPES: Dict[str, Callable[[Tensor, Tensor, Tensor], Tensor]] = {
+    "midpoint": lambda alpha_t, c0, h_eff: 0.5 * c0,
+    "heun": lambda alpha_t, c0, h_eff: alpha_t * (1 - (-torch.expm1(-h_eff)) / h_eff),
+}
+
+#: final_sigmas_type -> the last entry of the sigma sequence from ᾱ (float64 [T])
+FINAL_SIGMAS: Dict[str, Callable[[Tensor], float]] = {
+    "zero": lambda abar: 0.0,
+    "sigma_min": lambda abar: float(((1 - abar[0]) / abar[0]) ** 0.5),
+}
+
+
+def solver_orders(n: int, cfg: "StepConfig") -> Tensor:
+    """int64 ``[n]``: the DPM-Solver++ order of each of ``n`` steps, diffusers' rule: the
+    first step is first order; the last is first order when ``euler_at_final``, or
+    ``lower_order_final`` with n < 15, or the final sigma is zero (its λ is infinite); the
+    others use ``solver_order`` (the "lower_order_second" rule only lowers a third order)."""
+    orders = torch.full((n,), int(cfg.solver_order), dtype=torch.int64)
+    if n:
+        orders[0] = 1
+        if cfg.euler_at_final or (cfg.lower_order_final and n < 15) or \
+                cfg.final_sigmas_type == "zero":
+            orders[n - 1] = 1
+    return orders
+
+
+def _dpmsolver(s: SigmaScalars, cfg: "StepConfig", pred: Prediction, sde: bool) -> Columns:
+    # Lu et al. 2022 (DPM-Solver++), data prediction D0 = x̂0_i, D1 = (x̂0_i − x̂0_{i−1})/r,
+    # h = λ_t − λ_s, r = (λ_s − λ_r)/h:
+    #   ODE: y = σ_t/σ_s·x + α_t(1 − e^{−h})·D0 + c1·D1
+    #   SDE: y = σ_t/σ_s·e^{−h}·x + α_t(1 − e^{−2h})·D0 + c1·D1 + σ_t√(1 − e^{−2h})·z
+    # (σ here the VP σ_vp); first-order rows have no D1 term. D1 splits into P and H.
+    u, w = pred.x0(s)
+    h = s.lam_t - s.lam_s
+    if sde:
+        q = s.svp_t / s.svp_s * torch.exp(-h)
+        c0 = s.alpha_t * (1 - torch.exp(-2.0 * h))
+        sigma = s.svp_t * torch.sqrt(1.0 - torch.exp(-2 * h))
+        h_eff = 2.0 * h
+    else:
+        q = s.svp_t / s.svp_s
+        c0 = -(s.alpha_t * (torch.exp(-h) - 1.0))
+        sigma = None
+        h_eff = h
+    second = solver_orders(s.n, cfg) == 2
+    c1 = lookup(SOLVER_TYPES, "solver_type", cfg.solver_type)(s.alpha_t, c0, h_eff).double()
+    r = ((s.lam_s - s.lam_r) / h).double()
+    d1 = torch.where(second, c1 / torch.where(second, r, torch.ones_like(r)),
+                     torch.zeros_like(c1))
+    cols = {Col.U: u, Col.W: w, Col.Q: q.double(), Col.P: c0.double() + d1, Col.H: -d1}
+    if sigma is not None:
+        cols[Col.S] = sigma.double()
+    return cols
+
+
+def _euler_ancestral(s: SigmaScalars, cfg: "StepConfig", pred: Prediction) -> Columns:
+    # k-diffusion sample_euler_ancestral (η = 1) in sigma space x = x0 + σ·ε:
+    #   σ_up = √(σ_t²(σ_s² − σ_t²)/σ_s²), σ_down = √(σ_t² − σ_up²),
+    #   y = x + (x − x̂0)/σ_s·(σ_down − σ_s) + σ_up·z.
+    # x̂0 from the prediction of the VP state α_s·x: U = α_s·u, W = w.
+    u, w = pred.x0(s)
+    up = (s.sigma_t ** 2 * (s.sigma_s ** 2 - s.sigma_t ** 2) / s.sigma_s ** 2) ** 0.5
+    down = torch.clamp(s.sigma_t ** 2 - up ** 2, min=0) ** 0.5
+    ratio = ((down - s.sigma_s) / s.sigma_s).double()          # dt/σ
+    return {Col.U: u * s.sa, Col.W: w, Col.Q: 1 + ratio, Col.P: -ratio, Col.S: up.double()}
+
+
 _ONE = torch.ones((), dtype=torch.float64)
+_DPM_OPTIONS = ("solver_order", "solver_type", "lower_order_final", "euler_at_final",
+                "final_sigmas_type")
+#: variance types of methods with their own σ: fixed_small (the C-channel output) or a
+#: learned type, whose 2C-channel output's variance half they ignore
+_OWN_SIGMA_VARIANCES = ("fixed_small", "learned", "learned_range", "learned_log")
 
 METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("ddpm", _ddpm, final_alpha=lambda cfg, abar: _ONE,
@@ -259,6 +407,16 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("add_noise", _add_noise, final_alpha=lambda cfg, abar: _ONE,
            variance_types=("fixed_small",), own_sigma=True, options=(), samples=False,
            clips=False),
+    Method("dpmsolver++", partial(_dpmsolver, sde=False), final_alpha=lambda cfg, abar: _ONE,
+           variance_types=_OWN_SIGMA_VARIANCES, own_sigma=True, options=_DPM_OPTIONS,
+           index_by="step", timesteps=dpmsolver_timesteps, default_spacing="linspace"),
+    Method("sde-dpmsolver++", partial(_dpmsolver, sde=True), final_alpha=lambda cfg, abar: _ONE,
+           variance_types=_OWN_SIGMA_VARIANCES, own_sigma=True, options=_DPM_OPTIONS,
+           index_by="step", timesteps=dpmsolver_timesteps, default_spacing="linspace"),
+    Method("euler_ancestral", _euler_ancestral, final_alpha=lambda cfg, abar: _ONE,
+           variance_types=_OWN_SIGMA_VARIANCES, own_sigma=True,
+           options=(), index_by="step", timesteps=euler_timesteps,
+           default_spacing="linspace"),
 )}
 
 T = TypeVar("T")
@@ -273,9 +431,12 @@ def lookup(registry: Mapping[str, T], what: str, name: str) -> T:
                          f"{list(registry)}") from None
 
 
-def build_table(abar: Tensor, prev: Tensor, cfg: "StepConfig", precision: str) -> Tensor:
-    """The float64 ``[T, NUM_COLS]`` table of ``cfg`` for ᾱ ``abar`` (float64 ``[T]``), each
-    row t stepping to ``prev[t]`` (int64 ``[T]``; −1: the end).
+def build_table(abar: Tensor, prev: Optional[Tensor], cfg: "StepConfig", precision: str,
+                sigmas: Optional[Tensor] = None) -> Tensor:
+    """The float64 ``[R, NUM_COLS]`` table of ``cfg``. Methods indexed by timestep: R = T
+    rows from ᾱ ``abar`` (float64 ``[T]``), each row t stepping to ``prev[t]`` (int64
+    ``[T]``; −1: the end). Methods indexed by step: R = n rows from ``sigmas`` (float64
+    ``[n + 1]``), row i stepping from σ_i to σ_{i+1}.
 
     When the step does not clip, P is folded into Q and R (y = (Q + P·U)·x + (R + P·W)·m):
     the better-conditioned collapsed form, with no x̂0 pass.
@@ -283,13 +444,20 @@ def build_table(abar: Tensor, prev: Tensor, cfg: "StepConfig", precision: str) -
     method = lookup(METHODS, "method", cfg.method)
     pred = lookup(PREDICTIONS, "prediction_type", cfg.prediction_type)
     dtype = lookup(PRECISIONS, "precision", precision)
-    s = Scalars.of(abar, prev, method.final_alpha(cfg, abar), dtype)
+    s: Union[Scalars, SigmaScalars]
+    if method.index_by == "timestep":
+        s = Scalars.of(abar, prev, method.final_alpha(cfg, abar), dtype)
+    elif method.index_by == "step":
+        s = SigmaScalars.of(sigmas, dtype)
+    else:
+        raise ValueError(f"index_by={method.index_by!r} is not supported; expected one of "
+                         f"['timestep', 'step']")
     cols = method.build(s, cfg, pred)
     if not cfg.clips and Col.P in cols:
         p = cols.pop(Col.P)
         cols[Col.Q] = cols.get(Col.Q, 0) + p * cols[Col.U]
         cols[Col.R] = cols.get(Col.R, 0) + p * cols[Col.W]
-    table = torch.zeros(abar.numel(), len(Col), dtype=torch.float64)
+    table = torch.zeros(s.t.numel(), len(Col), dtype=torch.float64)
     for col, values in cols.items():
         table[:, col] = values
     return table

@@ -159,3 +159,76 @@ def inference_timesteps(num_train_timesteps: int,
     if int(ts.max()) >= T or int(ts.min()) < 0:
         raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {T})")
     return ts
+
+
+def _check_steps(T: int, n) -> int:
+    if isinstance(n, bool) or not isinstance(n, int) or not 1 <= n <= T:
+        raise ValueError(f"num_inference_steps must be an int in [1, num_train_timesteps={T}], "
+                         f"got {n!r}")
+    return n
+
+
+def dpmsolver_timesteps(num_train_timesteps: int, num_inference_steps: int,
+                        timestep_spacing: str = "linspace", steps_offset: int = 0
+                        ) -> torch.Tensor:
+    """The timesteps of diffusers' ``DPMSolverMultistepScheduler.set_timesteps`` (an
+    n + 1 point grid whose lowest point is dropped), int64 CPU ``[n]``, descending."""
+    T = num_train_timesteps
+    n = _check_steps(T, num_inference_steps)
+    _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    if timestep_spacing == "linspace":
+        ts = torch.linspace(0, T - 1, n + 1, dtype=torch.float64).round().flip(0)[:-1]
+    elif timestep_spacing == "leading":
+        ratio = T // (n + 1)
+        ts = (torch.arange(n + 1, dtype=torch.float64) * ratio).round().flip(0)[:-1] + steps_offset
+    elif timestep_spacing == "trailing":
+        ts = _trailing(T, n)
+    else:  # pragma: no cover - _check_choice guards this
+        raise AssertionError(timestep_spacing)
+    return _in_range(ts.to(torch.int64), T, steps_offset)
+
+
+def euler_timesteps(num_train_timesteps: int, num_inference_steps: int,
+                    timestep_spacing: str = "linspace", steps_offset: int = 0) -> torch.Tensor:
+    """The timesteps of diffusers' ``EulerAncestralDiscreteScheduler.set_timesteps``,
+    descending: float64 CPU ``[n]`` for ``linspace`` (fractional, rounded to float32 as
+    diffusers), int64 for ``leading`` / ``trailing``."""
+    T = num_train_timesteps
+    n = _check_steps(T, num_inference_steps)
+    _check_choice("timestep_spacing", timestep_spacing, TIMESTEP_SPACINGS)
+    if timestep_spacing == "linspace":
+        ts = torch.linspace(0, T - 1, n, dtype=torch.float64).float().double().flip(0)
+        return ts
+    if timestep_spacing == "leading":
+        ts = (torch.arange(n, dtype=torch.float64) * (T // n)).round().flip(0) + steps_offset
+    elif timestep_spacing == "trailing":
+        ts = _trailing(T, n)
+    else:  # pragma: no cover - _check_choice guards this
+        raise AssertionError(timestep_spacing)
+    return _in_range(ts.to(torch.int64), T, steps_offset)
+
+
+def _trailing(T: int, n: int) -> torch.Tensor:
+    ratio = T / n
+    return torch.tensor([round(T - i * ratio) for i in range(n)], dtype=torch.float64) - 1
+
+
+def _in_range(ts: torch.Tensor, T: int, steps_offset: int) -> torch.Tensor:
+    if int(ts.max()) >= T or int(ts.min()) < 0:
+        raise ValueError(f"steps_offset={steps_offset} moves timesteps outside [0, {T})")
+    return ts
+
+
+def sigmas_at(alphas_cumprod: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """σ(t) = √((1 − ᾱ_t)/ᾱ_t) at (possibly fractional) timesteps, interpolated linearly
+    between integer t (as diffusers' ``np.interp``), float64 ``[n]``. A zero ᾱ (the last
+    step of a zero-terminal-SNR schedule) is replaced by 2⁻²⁴ first, as diffusers' sigma
+    schedulers do, so σ stays finite."""
+    abar = alphas_cumprod.double()
+    abar = torch.where(abar > 0, abar, torch.full_like(abar, 2.0 ** -24))
+    sig = ((1 - abar) / abar) ** 0.5
+    t = timesteps.double()
+    lo = t.floor().long().clamp(0, abar.numel() - 1)
+    hi = (lo + 1).clamp(max=abar.numel() - 1)
+    frac = t - lo.double()
+    return sig[lo] + frac * (sig[hi] - sig[lo])

@@ -3,6 +3,7 @@ fails with the same message naming the argument: ``TypeError`` for a wrong type 
 ``ValueError`` for a wrong value or shape."""
 from __future__ import annotations
 
+import math
 import numbers
 import os
 from typing import Optional, Tuple
@@ -15,7 +16,8 @@ from .coefficients import StepCoefficients
 FLOAT_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 __all__ = ["FLOAT_DTYPES", "debug_checks_enabled", "check_tensor", "normalize_t",
-           "normalize_seeds", "check_step_inputs", "check_out"]
+           "normalize_seeds", "check_step_inputs", "check_out", "check_guidance",
+           "guided_halves"]
 
 
 def debug_checks_enabled() -> bool:
@@ -99,35 +101,92 @@ def normalize_seeds(seeds, batch: int, device: torch.device) -> Tensor:
     return seeds.to(device).expand(batch)
 
 
-def check_step_inputs(x: Tensor, model_output: Optional[Tensor], t, coeffs: StepCoefficients,
-                      noise: Optional[Tensor] = None, seeds=None, *, x_name: str = "x_t"
-                      ) -> Tuple[Tensor, Optional[Tensor]]:
+def guided_halves(model_output, batch: int) -> Tuple[Tensor, Tensor]:
+    """(unconditional, conditional) model outputs ``[B, ...]`` of a guided step: the two
+    halves of a ``[2B, ...]`` tensor (unconditional first, diffusers' ``chunk(2)`` order,
+    as views), or the given pair."""
+    if isinstance(model_output, (tuple, list)):
+        return model_output[0], model_output[1]
+    return model_output[:batch], model_output[batch:]
+
+
+def check_guidance(guidance_scale, guidance_rescale) -> None:
+    """``guidance_scale``: None or a finite real; ``guidance_rescale``: a real in [0, 1],
+    nonzero only with a guidance scale."""
+    if guidance_scale is not None:
+        if isinstance(guidance_scale, bool) or not isinstance(guidance_scale, numbers.Real):
+            raise TypeError(f"guidance_scale must be a float or None, got "
+                            f"{type(guidance_scale).__name__}")
+        if not math.isfinite(float(guidance_scale)):
+            raise ValueError(f"guidance_scale must be finite, got {guidance_scale!r}")
+    if isinstance(guidance_rescale, bool) or not isinstance(guidance_rescale, numbers.Real):
+        raise TypeError(f"guidance_rescale must be a float, got "
+                        f"{type(guidance_rescale).__name__}")
+    if not 0.0 <= float(guidance_rescale) <= 1.0:
+        raise ValueError(f"guidance_rescale must be in [0, 1], got {guidance_rescale!r}")
+    if guidance_rescale != 0 and guidance_scale is None:
+        raise ValueError("guidance_rescale needs guidance_scale (a guided step)")
+
+
+def _check_model_output(name: str, mo, x: Tensor, x_name: str, coeffs: StepCoefficients,
+                        batch: int) -> None:
+    check_tensor(name, mo)
+    if mo.device != x.device:
+        raise ValueError(f"{name} is on {mo.device} but {x_name} is on {x.device}")
+    if mo.dtype != x.dtype:
+        raise TypeError(f"{name} has dtype {mo.dtype} but {x_name} has {x.dtype}")
+    expected = [batch] + list(x.shape[1:])
+    channels = coeffs.config.model_channels
+    expected[1] *= channels
+    if list(mo.shape) != expected:
+        extra = (f" (variance_type={coeffs.config.variance_type!r} needs 2C channels: "
+                 f"the prediction, then the variance)" if channels == 2 else "")
+        guided = " (guided: the unconditional batch, then the conditional one)" \
+            if name == "model_output" and batch != x.shape[0] else ""
+        raise ValueError(f"{name} must have shape {expected}{extra}{guided}, got "
+                         f"{list(mo.shape)}")
+
+
+def check_step_inputs(x: Tensor, model_output, t, coeffs: StepCoefficients,
+                      noise: Optional[Tensor] = None, seeds=None, *, x_name: str = "x_t",
+                      history: Optional[Tensor] = None, guidance_scale=None,
+                      guidance_rescale=0.0) -> Tuple[Tensor, Optional[Tensor]]:
     """Validate one step's arguments; returns (t ``[B]`` int64, seeds ``[B]`` int64 or None).
 
     ``model_output`` is None for the training-side step (``add_noise``), whose sample is
-    named ``x_name``."""
+    named ``x_name``; for a guided step (``guidance_scale`` given) a ``[2B, ...]`` tensor or
+    an (unconditional, conditional) pair. ``history``: the previous step's x̂0 (x's shape,
+    dtype and device)."""
     if not isinstance(coeffs, StepCoefficients):
         raise TypeError(f"coeffs must come from fused_ddpm.step_coefficients, got "
                         f"{type(coeffs).__name__}")
     check_tensor(x_name, x)
     if x.dim() < 2:
         raise ValueError(f"{x_name} must have shape [B, C, ...], got {list(x.shape)}")
+    check_guidance(guidance_scale, guidance_rescale)
+    B = x.shape[0]
     if model_output is not None:
-        check_tensor("model_output", model_output)
-        if model_output.device != x.device:
-            raise ValueError(f"model_output is on {model_output.device} but {x_name} is on "
-                             f"{x.device}")
-        if model_output.dtype != x.dtype:
-            raise TypeError(f"model_output has dtype {model_output.dtype} but {x_name} has "
-                            f"{x.dtype}")
-        expected = list(x.shape)
-        channels = coeffs.config.model_channels
-        expected[1] *= channels
-        if list(model_output.shape) != expected:
-            extra = (f" (variance_type={coeffs.config.variance_type!r} needs 2C channels: "
-                     f"the prediction, then the variance)" if channels == 2 else "")
-            raise ValueError(f"model_output must have shape {expected}{extra}, got "
-                             f"{list(model_output.shape)}")
+        if guidance_scale is None:
+            if isinstance(model_output, (tuple, list)):
+                raise TypeError("model_output must be a torch.Tensor; an (unconditional, "
+                                "conditional) pair needs guidance_scale")
+            _check_model_output("model_output", model_output, x, x_name, coeffs, B)
+        elif isinstance(model_output, (tuple, list)):
+            if len(model_output) != 2:
+                raise ValueError(f"model_output must be a tensor [2B, ...] or a pair "
+                                 f"(unconditional, conditional), got {len(model_output)} "
+                                 f"tensors")
+            for name, half in zip(("model_output[0]", "model_output[1]"), model_output):
+                _check_model_output(name, half, x, x_name, coeffs, B)
+        else:
+            _check_model_output("model_output", model_output, x, x_name, coeffs, 2 * B)
+    if history is not None:
+        check_tensor("history", history)
+        if list(history.shape) != list(x.shape) or history.dtype != x.dtype or \
+                history.device != x.device:
+            raise ValueError(f"history must match {x_name} (shape {list(x.shape)}, {x.dtype}, "
+                             f"{x.device}), got shape {list(history.shape)}, {history.dtype}, "
+                             f"{history.device}")
     if noise is not None:
         if seeds is not None:
             raise ValueError("pass either noise or seeds, not both")
@@ -137,7 +196,6 @@ def check_step_inputs(x: Tensor, model_output: Optional[Tensor], t, coeffs: Step
                              f"{list(noise.shape)}")
         if noise.device != x.device:
             raise ValueError(f"noise is on {noise.device} but {x_name} is on {x.device}")
-    B = x.shape[0]
     t = normalize_t(t, B, x.device, coeffs.num_rows, coeffs)
     if seeds is not None:
         seeds = normalize_seeds(seeds, B, x.device)

@@ -45,7 +45,10 @@ SHAPES = [(3, 3, 7, 13), (1, 4, 9), (2, 3, 5, 6, 7), (4, 2, 17, 5), (2, 5, 3, 3)
 
 #: values tried for each option a method reads (Method.options), default first
 OPTION_VALUES = {"eta": (0.0, 0.7, 0.5), "use_clipped_model_output": (False, False, True),
-                 "set_alpha_to_one": (True, False, True)}
+                 "set_alpha_to_one": (True, False, True), "solver_order": (2, 1, 2),
+                 "solver_type": ("midpoint", "heun", "heun"),
+                 "lower_order_final": (True, True, False), "euler_at_final": (False, False, True),
+                 "final_sigmas_type": ("zero", "sigma_min", "sigma_min")}
 
 
 def step_configs() -> List[dict]:
@@ -79,7 +82,10 @@ def config_id(cfg: dict) -> str:
 def coefficients(cfg: dict) -> fd.StepCoefficients:
     if cfg.get("method") == "add_noise":
         return fd.add_noise_coefficients(SCHED, cfg["prediction_type"])
-    return fd.step_coefficients(SCHED, num_inference_steps=50, **cfg)
+    # 12 steps for the methods indexed by step: below diffusers' 15-step lower_order_final
+    # threshold, so the last two rows exercise it
+    n = 12 if METHODS[cfg["method"]].index_by == "step" else 50
+    return fd.step_coefficients(SCHED, num_inference_steps=n, **cfg)
 
 
 def relayout(a: torch.Tensor, layout: Layout) -> torch.Tensor:
@@ -156,13 +162,17 @@ class Case:
             mo = relayout(mo.to(dtype), layout).to(device)
         self.x = relayout(x.to(dtype), layout).to(device)
         self.mo = mo
-        if t is None:
-            ts = self.coeffs.timesteps
-            t = torch.tensor([0, int(ts[0])] + [int(ts[i]) for i in
-                                                torch.randint(0, len(ts), (max(B - 2, 0),),
-                                                              generator=g)])[:B]
+        if t is None:         # row 0, the first visited row, the last, then random ones
+            rows = self.coeffs.rows
+            t = torch.tensor([0, int(rows[0]), int(rows[-1])] + [
+                int(rows[i]) for i in torch.randint(0, len(rows), (max(B - 3, 0),),
+                                                    generator=g)])[:B]
             t = t[torch.randperm(B, generator=g)] if B else t
         self.t = torch.as_tensor(t, dtype=torch.int64).to(device)
+        self.history = None
+        if self.coeffs.multistep:            # the previous step's x̂0
+            h = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
+            self.history = relayout(h, layout).to(device)
         self.noise = self.seeds = None
         if noise == "external":
             z = torch.randn(shape, generator=g, dtype=torch.float64).to(dtype)
@@ -172,8 +182,9 @@ class Case:
                 seeds = torch.randint(-2 ** 62, 2 ** 62, (B,), generator=g, dtype=torch.int64)
             self.seeds = torch.as_tensor(seeds, dtype=torch.int64).to(device)
         self.plan = Prepared(self.coeffs, self.x, self.mo, self.t, self.noise, self.seeds, None,
-                             backend, x_name="x0" if self.training else "x_t")
-        ins = self.plan.streams(self.x, self.mo, self.noise)
+                             backend, x_name="x0" if self.training else "x_t",
+                             history=self.history)
+        ins = self.plan.streams(self.x, self.mo, self.noise, self.history)
         tt = self.plan.timesteps(self.t, B)
         sd = self.plan.seeds(self.seeds, B, None)
         self.launch = Launch(ins, tt, sd, self.plan.table, self.plan.thresh(ins, tt), None,
@@ -215,6 +226,10 @@ class Case:
         else:
             mo = self.mo.detach().cpu().double().requires_grad_(requires_grad)
             leaves.insert(1, mo)
+            if self.history is not None:
+                kw["history"] = self.history.detach().cpu().double().requires_grad_(
+                    requires_grad)
+                self.h_leaf = kw["history"]        # not in leaves: Z stays the last
             y, x0 = fd.reference.ddpm_step(x, mo, self.t.cpu(), self.coeffs, return_x0=True,
                                            **kw)
         return y, x0, leaves
@@ -236,7 +251,8 @@ class Case:
         b0 = col(Col.U) * x + col(Col.W) * m + col(Col.E) * self.z64.abs()
         if self.launch.thresh is not None:
             b0 = b0 / self.launch.thresh.double().cpu().reshape(col(Col.U).shape)
-        by = col(Col.P) * b0 + col(Col.Q) * x + col(Col.R) * m + sz
+        h = self.history.double().cpu().abs() if self.history is not None else 0
+        by = col(Col.P) * b0 + col(Col.Q) * x + col(Col.R) * m + col(Col.H) * h + sz
         return b0, by
 
     def model(self) -> torch.Tensor:

@@ -220,6 +220,9 @@ def _check_grads(case: Case, backend, gy, gx0) -> None:
             assert_close_scaled(grads[In.V], want, want.abs(), tol, f"grad V {case}")
         elif mo.grad.shape[1] > C:           # DDIM ignores the variance half
             assert torch.equal(mo.grad[:, C:], torch.zeros_like(mo.grad[:, C:]))
+    if L.ins[In.H] is not None:
+        want = case.h_leaf.grad
+        assert_close_scaled(grads[In.H], want, gya * col(Col.H), tol, f"grad H {case}")
     if L.ins[In.Z] is not None:
         want = leaves[-1].grad
         assert_close_scaled(grads[In.Z], want, want.abs() + a * col(Col.E), tol,
