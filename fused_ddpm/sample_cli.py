@@ -5,6 +5,14 @@ fused_ddpm.sample``); ``python -m fused_ddpm.sample --help`` lists the options. 
 ``--out samples.npz`` with ``arr_0`` uint8 ``[N, H, W, C]`` and, for class-conditional models,
 ``arr_1`` int64 ``[N]`` labels (improved-diffusion's format), and ``--grid`` a PNG grid.
 
+Samplers and guidance
+    ``--sampler`` takes every sampler step the project fuses (:func:`samplers`), and reads the
+    model's scheduler config as that method's diffusers scheduler would
+    (:data:`STOCK_SCHEDULERS`: the schedule, prediction type, spacing and the options it
+    knows). With ``--guidance-scale`` g ≠ 1 the UNet runs once per step on the doubled batch
+    (the null class, then the requested classes) and the fused step forms the guided
+    prediction, rescaled with ``--guidance-rescale``.
+
 What a sample depends on
     Sample i is a function of the run's content only — the model files, the sampler and its
     options, ``--seed``, i, ``--model-batch``, dtype and the kind of device — never of
@@ -36,16 +44,18 @@ import argparse
 import math
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 
+from .methods import METHODS, lookup
 from .sample_job import GRID_MAX, Run, label_hash, run_job
 
 __all__ = ["main", "build_parser", "parse_run", "samplers", "class_labels",
-           "scheduler_coefficients", "UsageError"]
+           "scheduler_coefficients", "StockScheduler", "STOCK_SCHEDULERS", "UsageError"]
 
 _DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -56,9 +66,9 @@ class UsageError(ValueError):
 
 def samplers() -> Tuple[str, ...]:
     """The sampler step methods the project fuses (``--sampler`` choices), from its registry
-    of methods (``STEP_METHODS``: the registry's entries that sample; ``METHODS`` before it)."""
-    from . import coefficients
-    return tuple(getattr(coefficients, "STEP_METHODS", coefficients.METHODS))
+    of methods (``STEP_METHODS``: the registry's entries that sample)."""
+    from .coefficients import STEP_METHODS
+    return STEP_METHODS
 
 
 # ----------------------------------------------------------------------------- labels
@@ -114,6 +124,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "list, e.g. 3 or 0,1,2")
     p.add_argument("--guidance-scale", type=float, default=1.0,
                    help="classifier-free guidance scale g (1: none; default: %(default)s)")
+    p.add_argument("--guidance-rescale", type=float, default=0.0,
+                   help="guidance rescale phi in [0, 1] (Lin et al. 2023; needs a guidance "
+                        "scale other than 1; default: %(default)s)")
     p.add_argument("--null-class", default="last",
                    help="the class index meaning 'no label' for guidance: an integer, 'last' "
                         "(the last class embedding, default) or 'none'")
@@ -202,12 +215,18 @@ def parse_run(argv: Optional[Sequence[str]] = None):
         raise UsageError(f"--steps must be >= 1, got {args.steps}")
     if not args.eta >= 0.0:
         raise UsageError(f"--eta must be >= 0, got {args.eta}")
-    if args.eta != 0.0 and args.sampler != "ddim":
-        raise UsageError(f"--eta applies to --sampler ddim only, not {args.sampler}")
+    readers = [m for m in samplers() if "eta" in METHODS[m].options]
+    if args.eta != 0.0 and args.sampler not in readers:
+        raise UsageError(f"--eta applies to --sampler {' or '.join(readers)} only, not "
+                         f"{args.sampler}")
     if not 0 <= args.seed < 2 ** 63:
         raise UsageError(f"--seed must be in [0, 2**63), got {args.seed}")
     if not math.isfinite(args.guidance_scale):
         raise UsageError(f"--guidance-scale must be finite, got {args.guidance_scale}")
+    if not 0.0 <= args.guidance_rescale <= 1.0:
+        raise UsageError(f"--guidance-rescale must be in [0, 1], got {args.guidance_rescale}")
+    if args.guidance_rescale != 0.0 and args.guidance_scale == 1.0:
+        raise UsageError("--guidance-rescale needs --guidance-scale other than 1")
     if args.dtype not in _DTYPES:
         raise UsageError(f"--dtype: unknown dtype {args.dtype!r}; expected one of "
                          f"{', '.join(_DTYPES)}")
@@ -275,24 +294,55 @@ def parse_run(argv: Optional[Sequence[str]] = None):
     run = Run(model_dir=model_dir.resolve(), num_samples=args.num_samples,
               batch_size=args.batch_size, sampler=args.sampler, steps=args.steps,
               eta=args.eta, seed=args.seed, labels_spec=labels_spec,
-              guidance_scale=args.guidance_scale, null_class=null_class, device=device,
+              guidance_scale=args.guidance_scale, guidance_rescale=args.guidance_rescale,
+              null_class=null_class, device=device,
               dtype=_DTYPES[args.dtype], cuda_graph=args.cuda_graph, model_batch=model_batch,
               out=out, grid=grid, shard_dir=shard_dir, progress=not args.no_progress,
               rank=rank, world=world, labels=labels, num_labels=len(classes))
     return run, unet, info, coeffs
 
 
+@dataclass(frozen=True)
+class StockScheduler:
+    """The diffusers scheduler of a sampler: the class whose ``from_config(config,
+    **config_overrides)`` is the same sampler, and the x̂0 options of a scheduler config that
+    class reads (the CLI reads a model's config the same way)."""
+
+    cls: str
+    config_overrides: Dict[str, object]
+    x0_options: Tuple[str, ...]
+
+
+STOCK_SCHEDULERS: Dict[str, StockScheduler] = {
+    "ddpm": StockScheduler("DDPMScheduler", {}, ("clip_sample", "thresholding")),
+    "ddim": StockScheduler("DDIMScheduler", {}, ("clip_sample", "thresholding")),
+    "dpmsolver++": StockScheduler("DPMSolverMultistepScheduler",
+                                  {"algorithm_type": "dpmsolver++"}, ("thresholding",)),
+    "sde-dpmsolver++": StockScheduler("DPMSolverMultistepScheduler",
+                                      {"algorithm_type": "sde-dpmsolver++"}, ("thresholding",)),
+    "euler_ancestral": StockScheduler("EulerAncestralDiscreteScheduler", {}, ()),
+}
+#: sigma-spacing switches of diffusers' configs the fused tables do not build
+_UNSUPPORTED_SIGMAS = ("use_karras_sigmas", "use_exponential_sigmas", "use_beta_sigmas",
+                       "use_lu_lambdas")
+
+
 def scheduler_coefficients(sc: Optional[dict], sampler: str, steps: int, eta: float,
                            device: torch.device, learned: bool = False):
-    """The ``sampler`` step's coefficients from a diffusers scheduler config ``sc`` (diffusers'
-    defaults for missing keys, ``DDPMScheduler``'s when there is no config at all).
-    ``learned``: the UNet outputs 2C channels, a learned variance (DDPM needs a learned
-    ``variance_type`` then, and a fixed one otherwise)."""
+    """The ``sampler`` step's coefficients from a diffusers scheduler config ``sc``, read as
+    the diffusers scheduler of that method would read it (its defaults for missing keys,
+    ``DDPMScheduler``'s schedule when there is no config at all): the schedule, prediction
+    type, timestep spacing, the method's own options (e.g. ``solver_order``) and the x̂0
+    options its diffusers scheduler reads (:data:`STOCK_SCHEDULERS`). ``eta``: DDIM's η.
+    ``learned``: the UNet outputs 2C channels, a learned variance (the config must then name
+    a learned ``variance_type``; the methods with their own σ ignore the variance half)."""
     from .coefficients import step_coefficients
     from .schedule import NoiseSchedule
 
     sc = dict(sc or {})
     get = lambda k, d: d if sc.get(k) is None else sc[k]  # noqa: E731
+    method = lookup(METHODS, "sampler", sampler)
+    x0_options = lookup(STOCK_SCHEDULERS, "sampler", sampler).x0_options
     try:
         schedule = NoiseSchedule(num_train_timesteps=int(get("num_train_timesteps", 1000)),
                                  beta_schedule=get("beta_schedule", "linear"),
@@ -303,25 +353,34 @@ def scheduler_coefficients(sc: Optional[dict], sampler: str, steps: int, eta: fl
         if steps > schedule.num_train_timesteps:
             raise UsageError(f"--steps {steps} exceeds the model's num_train_timesteps="
                              f"{schedule.num_train_timesteps}")
+        unsupported = [k for k in _UNSUPPORTED_SIGMAS if sc.get(k)]
+        if unsupported:
+            raise UsageError(f"--model: its scheduler config sets {unsupported}, which the "
+                             f"fused samplers do not build")
         variance = get("variance_type", "fixed_small")
-        if sampler != "ddpm":
-            variance = "fixed_small"
-        elif learned != variance.startswith("learned"):
+        if learned != variance.startswith("learned"):
             raise UsageError(f"--model: the UNet's output has {'2C' if learned else 'C'} "
                              f"channels but its scheduler config says variance_type="
                              f"{variance!r}")
+        if variance not in method.variance_types:
+            if learned:
+                raise UsageError(f"--sampler {sampler} does not take the model's "
+                                 f"variance_type={variance!r}")
+            variance = "fixed_small"      # a DDPM σ rule: the other methods have their own σ
+        options = {k: sc[k] for k in method.options if sc.get(k) is not None}
+        if "eta" in method.options:
+            options["eta"] = eta
+        clip = "clip_sample" in x0_options and bool(get("clip_sample", True))
+        threshold = "thresholding" in x0_options and bool(get("thresholding", False))
         return step_coefficients(
             schedule, method=sampler, prediction_type=get("prediction_type", "epsilon"),
             variance_type=variance,
-            clip_sample_range=float(get("clip_sample_range", 1.0))
-            if get("clip_sample", True) else None,
-            num_inference_steps=steps, timestep_spacing=get("timestep_spacing", "leading"),
+            clip_sample_range=float(get("clip_sample_range", 1.0)) if clip else None,
+            num_inference_steps=steps, timestep_spacing=sc.get("timestep_spacing"),
             device=device, steps_offset=int(get("steps_offset", 0)),
-            thresholding=bool(get("thresholding", False)),
+            thresholding=threshold,
             dynamic_thresholding_ratio=float(get("dynamic_thresholding_ratio", 0.995)),
-            sample_max_value=float(get("sample_max_value", 1.0)),
-            **({"eta": eta, "set_alpha_to_one": bool(get("set_alpha_to_one", True))}
-               if sampler == "ddim" else {}))
+            sample_max_value=float(get("sample_max_value", 1.0)), **options)
     except UsageError:
         raise
     except (TypeError, ValueError) as e:
@@ -342,6 +401,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         where = ("the embedded digits model" if run.model_dir == _default_model()
                  else str(run.model_dir))
         g = f", guidance {run.guidance_scale:g}" if run.guidance_scale != 1.0 else ""
+        if run.guidance_rescale:
+            g += f" rescaled by {run.guidance_rescale:g}"
         print(f"fused_ddpm.sample: {run.num_samples} samples from {where} "
               f"({run.sampler}, {run.steps} steps{g}) on {run.world} x {run.device}",
               flush=True)

@@ -28,7 +28,7 @@ _LABEL_TAG = b"fd.sample.label"
 _MASK64 = (1 << 64) - 1
 _DIST_TIMEOUT = datetime.timedelta(hours=2)   # covers the slowest rank's last shard
 GRID_MAX = 100
-_FORMAT = 1                                    # bump when shard contents change meaning
+_FORMAT = 2                                    # bump when shard contents change meaning
 
 
 # ----------------------------------------------------------------------------- seeds
@@ -60,7 +60,8 @@ class Run:
     """A validated run: everything :func:`run_job` needs, fixed before any work starts (the
     command line's options, resolved; see :mod:`fused_ddpm.sample_cli`). ``labels``: int64
     ``[N]`` for a class-conditional model, else None; ``num_labels``: how many classes
-    ``cycle`` / ``random`` draw from; ``rank`` / ``world``: this process in torchrun's group."""
+    ``cycle`` / ``random`` draw from; ``guidance_scale`` 1: no guidance (one model pass per
+    sample); ``rank`` / ``world``: this process in torchrun's group."""
 
     model_dir: Path
     num_samples: int
@@ -71,6 +72,7 @@ class Run:
     seed: int
     labels_spec: Optional[str]
     guidance_scale: float
+    guidance_rescale: float
     null_class: Optional[int]
     device: torch.device
     dtype: torch.dtype
@@ -108,7 +110,8 @@ def run_key(run: Run, info) -> str:
         device += ":" + torch.cuda.get_device_name(run.device)
     content = dict(format=_FORMAT, model=_file_digest(files), sampler=run.sampler,
                    steps=run.steps, eta=run.eta, seed=run.seed, labels=run.labels_spec,
-                   guidance=run.guidance_scale, null_class=run.null_class,
+                   guidance=run.guidance_scale, rescale=run.guidance_rescale,
+                   null_class=run.null_class,
                    model_batch=run.model_batch, dtype=str(run.dtype), device=device,
                    fused_ddpm=__version__, torch=torch.__version__)
     return hashlib.sha256(json.dumps(content, sort_keys=True).encode()).hexdigest()[:16]
@@ -201,10 +204,15 @@ def _draw(run: Run, model, coeffs, a: int, b: int, hwc) -> np.ndarray:
     from .sampler import sample
     H, W, C = hwc
     seeds = sample_seeds(run.seed, range(a, b)).to(run.device)
+    guide = {}
     if run.labels is not None:
-        model.set_labels(torch.from_numpy(run.labels[a:b]).to(run.device))
+        guide["cond"] = torch.from_numpy(run.labels[a:b]).to(run.device)
+        if run.guidance_scale != 1.0:
+            guide.update(uncond=torch.full_like(guide["cond"], run.null_class),
+                         guidance_scale=run.guidance_scale,
+                         guidance_rescale=run.guidance_rescale)
     x = sample(model, (b - a, C, H, W), coeffs, seeds=seeds, cuda_graph=run.cuda_graph,
-               progress=False, device=run.device, dtype=run.dtype)
+               progress=False, device=run.device, dtype=run.dtype, **guide)
     return to_uint8_images(x)
 
 
@@ -271,7 +279,7 @@ def _assemble(run: Run, comm: _Comm, work: Path, shards, holders: np.ndarray, hw
 def run_job(run: Run, unet, info, coeffs) -> dict:
     """Draw this rank's share of the unfinished shards, then write ``run.out`` and
     ``run.grid`` (rank 0) and delete the shards. Returns counts and timings."""
-    from .models.unet import GuidedUNet
+    from .models.unet import MicroBatchedUNet
     from .npz import save_npz
 
     threads = torch.get_num_threads()
@@ -293,9 +301,7 @@ def run_job(run: Run, unet, info, coeffs) -> dict:
             return comm.all_gather_u8(mine)
 
         todo = [j for j, done in enumerate(held().max(axis=0)) if not done]
-        model = GuidedUNet(unet, run.model_batch, run.guidance_scale, run.null_class,
-                           keep_channels=info.out_channels if coeffs.config.learned_variance
-                           else info.channels)
+        model = MicroBatchedUNet(unet, run.model_batch)
         comm.barrier()
         t0 = time.perf_counter()
         mine = todo[run.rank::run.world]

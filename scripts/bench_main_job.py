@@ -3,11 +3,13 @@
     python scripts/bench_main_job.py [--device cpu] [--num-samples 200] [--steps 50]
 
 Both loops run the same model calls — the embedded digits UNet (or ``--model``) through the
-same :class:`~fused_ddpm.models.unet.GuidedUNet` wrapper, with the same micro-batch and
-guidance — from the same x_T, so the only difference is the sampler step: ``fd.sample``
-(fused step, in-kernel noise, timesteps on the device) against diffusers'
-``DDIMScheduler`` / ``DDPMScheduler`` ``step`` in a Python loop. A third row times the model
-calls alone. One intra-op thread on the CPU (what the CLI runs). Best of ``--repeats`` runs,
+same :class:`~fused_ddpm.models.unet.MicroBatchedUNet` wrapper, with the same micro-batch,
+on the doubled batch when guided — from the same x_T, so the only difference is the sampler
+step: ``fd.sample`` (fused step with guidance inside, in-kernel noise, multistep state and
+timesteps on the device) against the stock diffusers scheduler of each sampler
+(:data:`fused_ddpm.sample_cli.STOCK_SCHEDULERS`) with guidance formed outside, its
+``scale_model_input`` and ``step`` in a Python loop. A third row times the model calls
+alone. One intra-op thread on the CPU (what the CLI runs). Best of ``--repeats`` runs,
 in wall time and in process CPU time (the steadier number on a shared machine). Prints a
 Markdown table with the device, date, versions and load; ``--json PATH`` writes it too.
 """
@@ -24,9 +26,9 @@ import torch
 
 import fused_ddpm as fd
 from fused_ddpm.models import DEFAULT_MODEL
-from fused_ddpm.models.unet import GuidedUNet, load_unet
+from fused_ddpm.models.unet import MicroBatchedUNet, load_unet
 from fused_ddpm.philox import philox_normal
-from fused_ddpm.sample_cli import scheduler_coefficients
+from fused_ddpm.sample_cli import STOCK_SCHEDULERS, scheduler_coefficients
 from fused_ddpm.sample_job import sample_seeds
 
 
@@ -56,6 +58,8 @@ def main(argv=None) -> int:
     p.add_argument("--model-batch", type=int, default=16)
     p.add_argument("--steps", type=int, default=50)
     p.add_argument("--guidance-scale", type=float, default=1.0)
+    p.add_argument("--samplers", default=None,
+                   help="comma list (default: every sampler: " + ",".join(STOCK_SCHEDULERS) + ")")
     p.add_argument("--repeats", type=int, default=2)
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
@@ -65,42 +69,56 @@ def main(argv=None) -> int:
     unet, info = load_unet(args.model, device=device)
     C, (H, W) = info.channels, info.image_size
     T = info.scheduler_config["num_train_timesteps"]
-    from diffusers import DDIMScheduler, DDPMScheduler
+    import diffusers
 
     rows = []
-    for sampler in ("ddim", "ddpm"):
+    samplers = args.samplers.split(",") if args.samplers else list(STOCK_SCHEDULERS)
+    guided = args.guidance_scale != 1.0
+    if guided and not info.conditional:
+        raise SystemExit("--guidance-scale needs a class-conditional model")
+    model = MicroBatchedUNet(unet, args.model_batch)
+    null = info.num_class_embeds - 1 if info.conditional else None
+    for sampler in samplers:
+        spec = STOCK_SCHEDULERS[sampler]
         coeffs = scheduler_coefficients(info.scheduler_config, sampler, args.steps, 0.0, device)
-        model = GuidedUNet(unet, args.model_batch, args.guidance_scale,
-                           null_class=info.num_class_embeds - 1 if info.conditional else None)
-        stock = (DDIMScheduler if sampler == "ddim" else DDPMScheduler).from_config(
-            info.scheduler_config)
-        stock.set_timesteps(args.steps)
+        stock = getattr(diffusers, spec.cls).from_config(info.scheduler_config,
+                                                         **spec.config_overrides)
+        stock.set_timesteps(args.steps, device=device)
 
         def batches():
             for a in range(0, args.num_samples, args.batch_size):
                 b = min(a + args.batch_size, args.num_samples)
                 seeds = sample_seeds(0, range(a, b)).to(device)
-                if info.conditional:
-                    model.set_labels((torch.arange(a, b) % (info.num_class_embeds - 1)).to(device))
-                yield b - a, seeds
+                labels = ((torch.arange(a, b) % null).to(device) if info.conditional
+                          else None)
+                yield b - a, seeds, labels
 
         def fused():
-            for n, seeds in batches():
+            for n, seeds, labels in batches():
+                guide = dict(cond=labels) if labels is not None else {}
+                if guided:
+                    guide.update(uncond=torch.full_like(labels, null),
+                                 guidance_scale=args.guidance_scale)
                 fd.sample(model, (n, C, H, W), coeffs, seeds=seeds, progress=False,
-                          device=device)
+                          device=device, **guide)
 
         def stock_loop(model_only=False):
-            for n, seeds in batches():
+            for n, seeds, labels in batches():
                 shape = (n, C, H, W)
                 x = philox_normal(seeds.cpu(), torch.full((n,), T), shape).to(device)
+                x = x * stock.init_noise_sigma
                 g = torch.Generator(device=device).manual_seed(0)
+                if guided:
+                    labels = torch.cat([torch.full_like(labels, null), labels])
                 for t in stock.timesteps:
-                    m = model(x, t.to(device).expand(n))
-                    if model_only:
-                        continue
-                    if sampler == "ddim":
-                        x = stock.step(m, t, x, eta=0.0, generator=g).prev_sample
-                    else:
+                    x_in = stock.scale_model_input(x, t)
+                    if guided:
+                        x_in = torch.cat([x_in, x_in])
+                    m = model(x_in, t.expand(x_in.shape[0]), labels)
+                    if guided:
+                        m_u, m_c = m.chunk(2)
+                        m = m_u + args.guidance_scale * (m_c - m_u)
+                    if not model_only:
                         x = stock.step(m, t, x, generator=g).prev_sample
 
         fns = {"fused fd.sample": fused, "stock diffusers loop": stock_loop,

@@ -16,8 +16,8 @@ import torch
 import fused_ddpm as fd
 from fused_ddpm import npz
 from fused_ddpm.models import DEFAULT_MODEL
-from fused_ddpm.models.unet import GuidedUNet, find_unet, load_unet
-from fused_ddpm.sample_cli import UsageError, class_labels, main, samplers
+from fused_ddpm.models.unet import MicroBatchedUNet, find_unet, load_unet
+from fused_ddpm.sample_cli import STOCK_SCHEDULERS, UsageError, class_labels, main, samplers
 from fused_ddpm.sample_job import sample_seeds, to_uint8_images
 
 # Quality bounds for the shipped digits model (DDPM, 20 steps, 100 samples, 10 per class),
@@ -136,42 +136,26 @@ def test_embedded_model_is_a_small_pipeline_dir():
 
 
 def test_model_output_does_not_depend_on_the_batch(digits_unet, one_thread):
-    """Sample k's model output is the same bits whatever batch (and position) it runs in."""
+    """Sample k's model output is the same bits whatever batch (and position) it runs in,
+    and it is the UNet's output."""
     unet, _ = digits_unet
     g = torch.Generator().manual_seed(0)
     x = torch.randn(21, 1, 16, 16, generator=g)
     t = torch.randint(0, 1000, (21,), generator=g)
     y = torch.randint(0, 11, (21,), generator=g)
-    for scale in (1.0, 2.5):
-        model = GuidedUNet(unet, micro_batch=4, guidance_scale=scale, null_class=10)
-        model.set_labels(y)
-        whole = model(x, t)
-        for parts in ([1] * 21, [3, 7, 11], [5, 16], [20, 1]):
-            outs, s = [], 0
-            for n in parts:
-                model.set_labels(y[s:s + n])
-                outs.append(model(x[s:s + n], t[s:s + n]))
-                s += n
-            assert torch.equal(torch.cat(outs), whole), (scale, parts)
-
-
-def test_guidance_is_the_cfg_combination(digits_unet):
-    unet, _ = digits_unet
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(6, 1, 16, 16, generator=g)
-    t = torch.randint(0, 1000, (6,), generator=g)
-    y = torch.arange(6)
-    model = GuidedUNet(unet, micro_batch=6, guidance_scale=3.0, null_class=10)
-    model.set_labels(y)
+    model = MicroBatchedUNet(unet, micro_batch=4)
+    whole = model(x, t, y)
+    for parts in ([1] * 21, [3, 7, 11], [5, 16], [20, 1]):
+        outs, s = [], 0
+        for n in parts:
+            outs.append(model(x[s:s + n], t[s:s + n], y[s:s + n]))
+            s += n
+        assert torch.equal(torch.cat(outs), whole), parts
     with torch.no_grad():
-        m_c = unet(x, t, class_labels=y).sample
-        m_u = unet(x, t, class_labels=torch.full_like(y, 10)).sample
-    torch.testing.assert_close(model(x, t), m_u + 3.0 * (m_c - m_u), rtol=1e-4, atol=1e-4)
-    plain = GuidedUNet(unet, micro_batch=6)
-    plain.set_labels(y)
-    torch.testing.assert_close(plain(x, t), m_c, rtol=1e-5, atol=1e-5)
-    with pytest.raises(ValueError, match="null_class"):
-        GuidedUNet(unet, micro_batch=6, guidance_scale=2.0)
+        direct = unet(x[:4], t[:4], class_labels=y[:4]).sample
+    torch.testing.assert_close(whole[:4], direct, rtol=1e-5, atol=1e-5)
+    with pytest.raises(ValueError, match="micro_batch"):
+        MicroBatchedUNet(unet, micro_batch=0)
 
 
 # ----------------------------------------------------------------------------- the CLI
@@ -201,6 +185,13 @@ def test_cli_end_to_end(tmp_path, capsys):
     rc = main(["--num-samples", "5", "--steps", "4", "--seed", "12", "--guidance-scale", "2",
                "--out", str(tmp_path / "u.npz"), "--grid", ""])
     assert rc == 0 and (tmp_path / "u.npz").read_bytes() != out.read_bytes()
+    # a multistep sampler with guidance and its rescale
+    rc = main(["--num-samples", "3", "--steps", "4", "--sampler", "dpmsolver++",
+               "--guidance-scale", "2", "--guidance-rescale", "0.5", "--out",
+               str(tmp_path / "v.npz"), "--grid", ""])
+    assert rc == 0
+    with np.load(tmp_path / "v.npz") as f:
+        assert f["arr_0"].shape == (3, 16, 16, 1) and f["arr_0"].std() > 10
 
 
 def _bad(tmp_path, capsys, args, match):
@@ -238,6 +229,9 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
         (["--dtype", "float8"], "--dtype"),
         (["--null-class", "11"], "--null-class 11 is outside"),
         (["--null-class", "none", "--guidance-scale", "2"], "needs a null class"),
+        (["--guidance-rescale", "0.5"], "--guidance-rescale needs --guidance-scale"),
+        (["--guidance-scale", "2", "--guidance-rescale", "1.5"], "--guidance-rescale must be"),
+        (["--eta", "0.5", "--sampler", "dpmsolver++"], "--eta applies to --sampler ddim"),
     ]
     for args, match in cases:
         _bad(tmp_path, capsys, args, match)
@@ -314,47 +308,74 @@ def test_python_dash_m(tmp_path, capsys):
     assert e.value.code == 0
     text = capsys.readouterr().out
     assert "python -m fused_ddpm.sample" in text
+    flat = "".join(text.split())                       # argparse wraps at hyphens
     for name in samplers():
-        assert name in text
+        assert name in flat
 
 
 # ----------------------------------------------------------------------------- vs diffusers
-@pytest.mark.parametrize("sampler", ["ddim", "ddpm"])
+#: sampler -> (guidance g, rescale φ) of its comparison with stock diffusers
+GUIDANCE = {"ddpm": (1.0, 0.0), "ddim": (3.0, 0.0), "dpmsolver++": (3.0, 0.7),
+            "sde-dpmsolver++": (1.0, 0.0), "euler_ancestral": (2.0, 0.0)}
+
+
+def test_every_sampler_has_its_stock_scheduler():
+    import diffusers
+    assert set(STOCK_SCHEDULERS) == set(samplers()) == set(GUIDANCE)
+    for stock in STOCK_SCHEDULERS.values():
+        assert isinstance(getattr(diffusers, stock.cls), type)
+
+
+@pytest.mark.parametrize("sampler", sorted(GUIDANCE))
 def test_fused_loop_matches_stock_diffusers(digits_unet, sampler, monkeypatch, one_thread):
     """The CLI's loop (fd.sample on the coefficients it builds from the model's scheduler
-    config) and diffusers' own scheduler loop, from the same x_T and with the same noise at
-    every step, give the same images."""
-    from diffusers import DDIMScheduler, DDPMScheduler
-    from diffusers.schedulers import scheduling_ddpm
+    config, guidance inside the step) and diffusers' own scheduler of the same method
+    (``from_config`` of that config, guidance and its rescale formed outside), from the same
+    x_T and with the same noise at every step, give the same images."""
+    import diffusers
 
     from fused_ddpm.philox import philox_normal
     from fused_ddpm.sample_cli import scheduler_coefficients
     unet, info = digits_unet
+    g, phi = GUIDANCE[sampler]
+    spec = STOCK_SCHEDULERS[sampler]
     N, steps, T = 10, 20, info.scheduler_config["num_train_timesteps"]
     shape = (N, 1, 16, 16)
     seeds = sample_seeds(0, range(N))
     labels = torch.arange(N) % 10
+    null = torch.full_like(labels, 10)
     coeffs = scheduler_coefficients(info.scheduler_config, sampler, steps, 0.0,
                                     torch.device("cpu"))
-    model = GuidedUNet(unet, micro_batch=N)
-    model.set_labels(labels)
-    fused = fd.sample(model, shape, coeffs, seeds=seeds, progress=False)
+    guide = dict(uncond=null, guidance_scale=g, guidance_rescale=phi) if g != 1.0 else {}
+    fused = fd.sample(MicroBatchedUNet(unet, micro_batch=2 * N), shape, coeffs, seeds=seeds,
+                      cond=labels, progress=False, **guide)
 
-    stock = (DDIMScheduler if sampler == "ddim" else DDPMScheduler).from_pretrained(
-        DEFAULT_MODEL, subfolder="scheduler")
+    stock = getattr(diffusers, spec.cls).from_config(info.scheduler_config,
+                                                     **spec.config_overrides)
     stock.set_timesteps(steps)
-    assert stock.timesteps.tolist() == coeffs.timesteps.tolist()
-    x = philox_normal(seeds, torch.full((N,), T), shape).float()
+    torch.testing.assert_close(stock.timesteps.double(), coeffs.timesteps.double(),
+                               rtol=1e-6, atol=1e-4)
+    x = philox_normal(seeds, torch.full((N,), T), shape).float() * stock.init_noise_sigma
     current = {}
-    monkeypatch.setattr(scheduling_ddpm, "randn_tensor",
-                        lambda *a, **k: philox_normal(seeds, torch.full((N,), current["t"]),
-                                                      shape).float())
+    noise = lambda *a, **k: philox_normal(seeds, torch.full((N,), current["row"]), shape,  # noqa
+                                          stream=int(coeffs.noise_stream)).float()
+    module = sys.modules[type(stock).__module__]
+    monkeypatch.setattr(module, "randn_tensor", noise)
     with torch.no_grad():
-        for t in stock.timesteps:
-            m = unet(x, t, class_labels=labels).sample
-            current["t"] = int(t)
+        for i, t in enumerate(stock.timesteps):
+            x_in = stock.scale_model_input(x, t)
+            m_c = unet(x_in, t, class_labels=labels).sample
+            m = m_c
+            if g != 1.0:
+                m_u = unet(x_in, t, class_labels=null).sample
+                m = m_u + g * (m_c - m_u)
+                if phi:      # Lin et al. 2023, eq. 15-16: towards the conditional std
+                    dims = list(range(1, m.dim()))
+                    m = phi * m * (m_c.std(dim=dims, keepdim=True) /
+                                   m.std(dim=dims, keepdim=True)) + (1 - phi) * m
+            current["row"] = int(coeffs.rows[i])
             x = stock.step(m, t, x).prev_sample
-    assert (fused - x).abs().max() < 1e-4          # measured: 3e-6 (DDIM), 6e-6 (DDPM)
+    assert (fused - x).abs().max() < 1e-4, (fused - x).abs().max()
     diff = np.abs(to_uint8_images(fused).astype(int) - to_uint8_images(x).astype(int))
     assert diff.max() <= 1 and (diff > 0).mean() < 0.005
 

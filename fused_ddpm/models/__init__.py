@@ -5,7 +5,7 @@
   (``unet/``, ``scheduler/``), trained by ``scripts/train_digits.py``;
 * :mod:`.data`: its training data and the held-out split;
 * :mod:`.unet`: loading any diffusers ``UNet2DModel`` directory, and the model wrapper the
-  sampler calls (classifier-free guidance, batch-invariant micro-batches).
+  sampler calls (batch-invariant micro-batches).
 """
 from .data import MODEL_DIR as DEFAULT_MODEL
 

@@ -5,28 +5,26 @@ directory (``model_index.json`` + a ``unet/`` subfolder, e.g. ``DDPMPipeline.sav
 and finds the noise schedule next to it (the pipeline's ``scheduler/scheduler_config.json``,
 or a ``scheduler_config.json`` beside the UNet's own config).
 
-:class:`GuidedUNet` is what :func:`fused_ddpm.sample` calls. Two jobs:
-
-* classifier-free guidance: with ``guidance_scale`` g ≠ 1 every call runs the UNet once on
-  the doubled batch [unconditional; conditional] and returns m = m_u + g (m_c − m_u)
-  (learned variances: the variance half is the conditional one);
-* batch invariance: the UNet is always called on exactly ``micro_batch`` samples (twice
-  that with guidance), the last chunk padded, so a sample's model output never depends on
-  how many samples share its batch. CPU convolution and matmul kernels pick their blocking
-  by batch size, which changes the last bits of every sample's result; at a fixed call shape
-  the result of a sample does not depend on its neighbours or its position (tested).
+:class:`MicroBatchedUNet` is what the main job gives :func:`fused_ddpm.sample` (which
+itself takes a diffusers UNet as it is): for batch invariance the UNet is always called on
+exactly ``micro_batch`` samples, the last chunk padded, so a sample's model output never
+depends on how many samples share its batch. CPU convolution and matmul kernels pick their
+blocking by batch size, which changes the last bits of every sample's result; at a fixed
+call shape the result of a sample does not depend on its neighbours or its position
+(tested). Classifier-free guidance is not the wrapper's business: ``fd.sample`` calls the
+model on the doubled batch and the fused step forms the guided prediction.
 """
 from __future__ import annotations
 
 import json
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Optional, Union
+from typing import Optional, Union
 
 import torch
 from torch import Tensor
 
-__all__ = ["ModelError", "UNetInfo", "find_unet", "load_unet", "GuidedUNet"]
+__all__ = ["ModelError", "UNetInfo", "find_unet", "load_unet", "MicroBatchedUNet"]
 
 
 class ModelError(ValueError):
@@ -145,71 +143,34 @@ def load_unet(path: Union[str, Path], device: Union[str, torch.device] = "cpu",
     return unet, info
 
 
-class GuidedUNet:
-    """``model(x, t) -> m`` for :func:`fused_ddpm.sample`, with guidance and fixed micro-batches.
+class MicroBatchedUNet:
+    """A UNet as :func:`fused_ddpm.sample`'s model, called on fixed micro-batches.
+
+    ``model(x, t, class_labels=None)`` runs the UNet on consecutive chunks of exactly
+    ``micro_batch`` samples (the last one padded) and returns the model output tensor
+    ``[B, C', ...]``, so a sample's output never depends on how many samples share its
+    batch (see the module docstring). With classifier-free guidance :func:`fused_ddpm.sample`
+    passes the doubled batch, whose halves are chunked alike.
 
     Args:
         unet: a diffusers ``UNet2DModel`` (eval mode).
-        micro_batch: the number of samples per UNet call (≥ 1); the result of a sample depends
-            on it but not on the batch size the sampler runs.
-        guidance_scale: g; 1 is the plain conditional model (one UNet pass per sample).
-        null_class: the class index meaning "no label"; needed when g ≠ 1.
-        keep_channels: channels of the UNet output to return (default: all); C drops the
-            variance half of a 2C output for a step that does not read it.
-
-    Call :meth:`set_labels` (int64 ``[B]``) before sampling a batch of a conditional model;
-    the labels live in one device buffer per batch size, so a captured CUDA graph sees new
-    labels on replay.
+        micro_batch: samples per UNet call (≥ 1); the result of a sample depends on it but
+            not on the batch size the sampler runs.
     """
 
-    def __init__(self, unet, micro_batch: int, guidance_scale: float = 1.0,
-                 null_class: Optional[int] = None, keep_channels: Optional[int] = None):
-        if micro_batch < 1:
-            raise ValueError(f"micro_batch must be >= 1, got {micro_batch}")
+    def __init__(self, unet, micro_batch: int):
+        if isinstance(micro_batch, bool) or not isinstance(micro_batch, int) or micro_batch < 1:
+            raise ValueError(f"micro_batch must be an int >= 1, got {micro_batch!r}")
         self.unet = unet
-        self.micro_batch = int(micro_batch)
-        self.guidance_scale = float(guidance_scale)
-        self.guided = self.guidance_scale != 1.0
-        self.conditional = unet.config.num_class_embeds is not None
-        if self.guided and (not self.conditional or null_class is None):
-            raise ValueError("guidance_scale != 1 needs a class-conditional UNet and null_class")
-        self.null_class = null_class
-        self.channels = int(unet.config.in_channels)
-        self.keep_channels = keep_channels
-        self._labels: Dict[int, Tensor] = {}
-
-    def set_labels(self, labels: Tensor) -> None:
-        """Use ``labels`` (int64 ``[B]``) for the next batch of B samples."""
-        B = labels.shape[0]
-        buf = self._labels.get(B)
-        if buf is None:
-            buf = self._labels[B] = torch.empty(B, dtype=torch.int64, device=self.unet.device)
-        buf.copy_(labels)
-
-    def _call(self, x: Tensor, t: Tensor, y: Optional[Tensor]) -> Tensor:
-        """One UNet call on a full micro-batch (doubled when guided)."""
-        if not self.guided:
-            return self.unet(x, t, class_labels=y).sample
-        null = torch.full_like(y, self.null_class)
-        out = self.unet(torch.cat([x, x]), torch.cat([t, t]),
-                        class_labels=torch.cat([null, y])).sample
-        u, c = out.chunk(2)
-        C = self.channels
-        guided = u[:, :C] + self.guidance_scale * (c[:, :C] - u[:, :C])
-        return guided if out.shape[1] == C else torch.cat([guided, c[:, C:]], dim=1)
+        self.micro_batch = micro_batch
 
     @torch.no_grad()
-    def __call__(self, x: Tensor, t: Tensor) -> Tensor:
+    def __call__(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
         B, mb = x.shape[0], self.micro_batch
-        labels = None
-        if self.conditional:
-            labels = self._labels.get(B)
-            if labels is None:
-                raise RuntimeError(f"call set_labels() with {B} labels before sampling")
         outs = []
         for s in range(0, B, mb):
             xs, ts = x[s:s + mb], t[s:s + mb]
-            ys = labels[s:s + mb] if labels is not None else None
+            ys = class_labels[s:s + mb] if class_labels is not None else None
             n = xs.shape[0]
             if n < mb:
                 pad = mb - n
@@ -217,5 +178,5 @@ class GuidedUNet:
                 ts = torch.cat([ts, ts[:1].expand(pad)])
                 if ys is not None:
                     ys = torch.cat([ys, ys[:1].expand(pad)])
-            outs.append(self._call(xs, ts, ys)[:n, :self.keep_channels])
+            outs.append(self.unet(xs, ts, class_labels=ys).sample[:n])
         return outs[0] if len(outs) == 1 else torch.cat(outs)
