@@ -14,10 +14,10 @@ Deterministic: every random draw comes from ``--seed`` (batches, timesteps, labe
 per-sample noise seeds, initial weights) and the thread count is fixed (``--threads``, default
 one: CPU convolution kernels' last bits depend on it), so the same command on the same CPU
 type gives the same weights, bit for bit. The shipped weights are this script's output with
-its defaults. Sized for a small CPU budget: 1000 steps of batch 128 took 543 s of CPU time
-on one core of a 2.8 GHz Xeon (Ice Lake) — about 9 minutes — while the 2-core machine was
-shared with other jobs; ``--threads 2`` is faster on an idle 2-core machine (other bits). It
-prints its wall and CPU time.
+its defaults. Sized for a small CPU budget: 1000 steps of batch 128 took 503 s of CPU time
+on one core of a 2.8 GHz Xeon (Ice Lake) — about 8½ minutes on an otherwise idle core (28
+minutes of wall time on a 2-core machine shared with other jobs, load ≈ 6.5); ``--threads 2``
+is faster on an idle 2-core machine (other bits). It prints its wall and CPU time.
 
 Output: diffusers' pipeline layout (``DDPMPipeline.save_pretrained``): ``model_index.json``,
 ``unet/`` (config + safetensors weights), ``scheduler/`` (the ``DDPMScheduler`` config with
