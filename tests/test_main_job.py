@@ -383,23 +383,11 @@ def test_fused_loop_matches_stock_diffusers(digits_unet, sampler, monkeypatch, o
 
 
 # ----------------------------------------------------------------------------- quality
-def _classifier_features(images_uint8: np.ndarray) -> np.ndarray:
-    """uint8 [n, 16, 16, 1] → the 8×8 average-pooled image in [−1, 1], flattened."""
-    x = torch.from_numpy(images_uint8).permute(0, 3, 1, 2).float() / 127.5 - 1.0
-    return torch.nn.functional.avg_pool2d(x, 2).flatten(1).numpy()
-
-
 def test_samples_are_the_digits_asked_for(tmp_path, record_property):
     """A classifier trained here on the held-out digits (never seen by the model's training)
     labels the model's class-conditional samples as the class they were asked for."""
-    from sklearn.svm import SVC
-
-    from fused_ddpm.models.data import load_digits16
-    heldout, heldout_labels = load_digits16("heldout")
-    train, train_labels = load_digits16("train")
-    as_uint8 = lambda x: to_uint8_images(x)  # noqa: E731
-    clf = SVC().fit(_classifier_features(as_uint8(heldout)), heldout_labels.numpy())
-    real = clf.score(_classifier_features(as_uint8(train)), train_labels.numpy())
+    from fused_ddpm.models.data import classifier_features, digit_classifier
+    clf, real = digit_classifier()
     acc = {}
     runs = [("ddpm", 1.0), ("ddpm", 3.0), ("dpmsolver++", 3.0), ("euler_ancestral", 3.0)]
     for sampler, g in runs:
@@ -410,7 +398,7 @@ def test_samples_are_the_digits_asked_for(tmp_path, record_property):
         with np.load(out) as f:
             images, labels = f["arr_0"], f["arr_1"]
         assert labels.tolist() == [i % 10 for i in range(100)]
-        acc[sampler, g] = float((clf.predict(_classifier_features(images)) == labels).mean())
+        acc[sampler, g] = float((clf.predict(classifier_features(images)) == labels).mean())
     record_property("classifier_accuracy_real_digits", real)
     record_property("classifier_accuracy_samples", {f"{s} g={g:g}": a for (s, g), a in
                                                     acc.items()})
