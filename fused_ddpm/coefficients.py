@@ -26,11 +26,6 @@ from .contract import TERM_COLS, Clip, Col, NoiseStream, Var, terms_mask
 from .methods import METHODS, PREDICTIONS, VARIANCES, lookup
 from .schedule import NoiseSchedule, inference_timesteps, sigmas_at
 
-
-def _final_sigma(kind: str, abar: Tensor) -> float:
-    """The final sigma of ``final_sigmas_type`` ``kind`` for ᾱ ``abar``."""
-    return lookup(methods.FINAL_SIGMAS, "final_sigmas_type", kind)(abar)
-
 __all__ = ["StepConfig", "StepCoefficients", "step_coefficients", "add_noise_coefficients",
            "previous_timesteps", "METHODS", "STEP_METHODS", "PREDICTION_TYPES",
            "VARIANCE_TYPES"]
@@ -265,9 +260,12 @@ class StepCoefficients:
         finite = torch.isfinite(table64[rows]).all(dim=1)
         if not bool(finite.all()):
             bad = rows[~finite].tolist()
+            why = ("a second-order DPM-Solver++ step to σ = 0 there: use final_sigmas_type="
+                   "'zero' or lower_order_final" if method.index_by == "step" else
+                   "ᾱ_t = 0 there: a zero-terminal-SNR schedule needs "
+                   "prediction_type='v_prediction' or 'sample'")
             raise ValueError(f"the schedule gives non-finite step coefficients at rows "
-                             f"{bad[:8]} (ᾱ_t = 0 there: a zero-terminal-SNR schedule needs "
-                             f"prediction_type='v_prediction' or 'sample')")
+                             f"{bad[:8]} ({why})")
         nonzero = [c for c in TERM_COLS if bool((table64[:, c] != 0).any())]
         setters = dict(timesteps=ts, sigmas=sigmas, prev_timesteps=prev, table64=table64,
                        rows=rows, terms=terms_mask(nonzero), index_by=method.index_by,
@@ -487,7 +485,8 @@ def step_coefficients(schedule: NoiseSchedule,
             raise ValueError(f"method={method!r} needs num_inference_steps (or timesteps)")
         ts = spec.timesteps(T, num_inference_steps, spacing, steps_offset)
     if sigmas is None:
-        final = _final_sigma(final_sigmas_type, schedule.alphas_cumprod)
+        final = lookup(methods.FINAL_SIGMAS, "final_sigmas_type",
+                       final_sigmas_type)(schedule.alphas_cumprod)
         sigmas = torch.cat([sigmas_at(schedule.alphas_cumprod, ts.double()),
                             torch.tensor([final], dtype=torch.float64)])
     return StepCoefficients(schedule, cfg, ts, step_gap=step_gap, precision=precision,
