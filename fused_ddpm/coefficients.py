@@ -52,9 +52,10 @@ class StepConfig:
     ``set_alpha_to_one`` with ``method="ddpm"``; the DPM-Solver++ options ``solver_order``
     (1 or 2), ``solver_type`` ("midpoint", "heun"), ``lower_order_final``,
     ``euler_at_final``, ``final_sigmas_type`` ("zero", "sigma_min") with a method other
-    than ``"dpmsolver++"`` / ``"sde-dpmsolver++"``) must keep their defaults: anything else is a ValueError, never
-    silently ignored. DDIM, DPM-Solver++ and Euler ancestral take their own σ; with a learned
-    variance type they take the 2C-channel model output and ignore the variance half.
+    than ``"dpmsolver++"`` / ``"sde-dpmsolver++"``) must keep their defaults: anything else
+    is a ValueError, never silently ignored. DDIM, DPM-Solver++ and Euler ancestral take
+    their own σ; with a learned variance type they take the 2C-channel model output and
+    ignore the variance half.
     """
 
     method: str = "ddpm"
@@ -292,19 +293,19 @@ class StepCoefficients:
 
     @property
     def input_scale(self) -> Tensor:
-        """float64 ``[n]``: the model is called on ``x · input_scale[i]`` at step i — Euler
-        ancestral works in sigma space x = x0 + σ·ε and gives the model the variance-
-        preserving x/√(σ_i² + 1) (diffusers' ``scale_model_input``); 1 for the others."""
-        if self.config.method == "euler_ancestral":
+        """float64 ``[n]``: the model is called on ``x · input_scale[i]`` at step i — methods
+        in sigma space x = x0 + σ·ε (Euler ancestral) give the model the variance-preserving
+        x/√(σ_i² + 1) (diffusers' ``scale_model_input``); 1 for the others."""
+        if METHODS[self.config.method].sigma_space:
             return 1 / (self.sigmas[:-1] ** 2 + 1) ** 0.5
         return torch.ones(self.timesteps.numel(), dtype=torch.float64)
 
     @property
     def init_noise_sigma(self) -> float:
         """The standard deviation of x at the first step: x_T = N(0, I)·init_noise_sigma.
-        Euler ancestral (sigma space): σ_max, or √(σ_max² + 1) with ``leading`` spacing
-        (as diffusers' ``EulerAncestralDiscreteScheduler``); 1 for the others."""
-        if self.config.method == "euler_ancestral":
+        Methods in sigma space (Euler ancestral): σ_max, or √(σ_max² + 1) with ``leading``
+        spacing (as diffusers' ``EulerAncestralDiscreteScheduler``); 1 for the others."""
+        if METHODS[self.config.method].sigma_space:
             smax = float(self.sigmas.max())
             return (smax ** 2 + 1) ** 0.5 if self.timestep_spacing == "leading" else smax
         return 1.0

@@ -269,7 +269,9 @@ class Method:
     training timesteps ("timestep", built from :class:`Scalars`) or step positions ("step",
     built from :class:`SigmaScalars`). ``timesteps(T, n, spacing, steps_offset)``: the
     timesteps of its diffusers scheduler's ``set_timesteps`` (``default_spacing``: that
-    scheduler's default ``timestep_spacing``).
+    scheduler's default ``timestep_spacing``). ``sigma_space``: its sample is x = x0 + σ·ε
+    (the model is given x/√(σ² + 1), and x_T has standard deviation ≈ σ_0), not the
+    variance-preserving √ᾱ·x0 + √(1 − ᾱ)·ε.
     """
 
     name: str
@@ -283,6 +285,7 @@ class Method:
     index_by: str = "timestep"
     timesteps: Callable[..., Tensor] = inference_timesteps
     default_spacing: str = "leading"
+    sigma_space: bool = False
 
 
 def _ddpm(s: Scalars, cfg: "StepConfig", pred: Prediction) -> Columns:
@@ -412,7 +415,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("euler_ancestral", _euler_ancestral, final_alpha=lambda cfg, abar: _ONE,
            variance_types=_OWN_SIGMA_VARIANCES, own_sigma=True,
            options=(), index_by="step", timesteps=euler_timesteps,
-           default_spacing="linspace"),
+           default_spacing="linspace", sigma_space=True),
 )}
 
 T = TypeVar("T")

@@ -214,7 +214,8 @@ class Prepared:
         else:
             ok = bool(self.h_free[int(t)])
         if not ok:
-            raise ValueError(f"history is needed at t={t if not isinstance(t, Tensor) else t.tolist()} "
+            shown = t.tolist() if isinstance(t, Tensor) else t
+            raise ValueError(f"history is needed at t={shown} "
                              f"(method={self.coeffs.config.method!r} reads the previous "
                              f"step's x̂0 there): pass history=the x̂0 of the previous step "
                              f"(return_x0=True)")
