@@ -33,11 +33,14 @@ HERE = Path(__file__).parent.resolve()
 # The Triton kernels and the benchmark harness live at the top of the repository (so
 # `python -m bench` runs from a checkout) and install inside the package: never as top-level
 # `triton_kernels` / `bench` modules, names that other distributions use.
-PACKAGES = ["fused_ddpm", "fused_ddpm.triton_kernels", "fused_ddpm.bench"]
+PACKAGES = ["fused_ddpm", "fused_ddpm.models", "fused_ddpm.triton_kernels", "fused_ddpm.bench"]
 PACKAGE_DIR = {"fused_ddpm": "fused_ddpm", "fused_ddpm.triton_kernels": "triton_kernels",
                "fused_ddpm.bench": "bench"}
 BUILD_RECORD = "_build_info.json"
-PACKAGE_DATA = {"fused_ddpm": [BUILD_RECORD, "py.typed"]}
+PACKAGE_DATA = {"fused_ddpm": [BUILD_RECORD, "py.typed"],
+                # the embedded digits model (diffusers' save_pretrained layout)
+                "fused_ddpm.models": ["digits/*.json", "digits/*/*.json",
+                                      "digits/*/*.safetensors"]}
 DEFAULT_ROOT = Path("/usr/local/cuda")
 FORCE_HINT = "to force it: FUSED_DDPM_CUDA=1 CUDA_HOME=<toolkit root>"
 
