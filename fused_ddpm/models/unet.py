@@ -167,7 +167,7 @@ class MicroBatchedUNet:
     @torch.no_grad()
     def __call__(self, x: Tensor, t: Tensor, class_labels: Optional[Tensor] = None) -> Tensor:
         B, mb = x.shape[0], self.micro_batch
-        outs = []
+        chunks = []
         for s in range(0, B, mb):
             xs, ts = x[s:s + mb], t[s:s + mb]
             ys = class_labels[s:s + mb] if class_labels is not None else None
@@ -178,5 +178,5 @@ class MicroBatchedUNet:
                 ts = torch.cat([ts, ts[:1].expand(pad)])
                 if ys is not None:
                     ys = torch.cat([ys, ys[:1].expand(pad)])
-            outs.append(self.unet(xs, ts, class_labels=ys).sample[:n])
-        return outs[0] if len(outs) == 1 else torch.cat(outs)
+            chunks.append(self.unet(xs, ts, class_labels=ys).sample[:n])
+        return chunks[0] if len(chunks) == 1 else torch.cat(chunks)
