@@ -1,4 +1,5 @@
-"""fused-ddpm: the DDPM/DDIM sampler step as one fused kernel.
+"""fused-ddpm: diffusion sampler steps as one fused kernel: DDPM, DDIM, DPM-Solver++ (2M, SDE)
+and Euler ancestral, with classifier-free guidance inside the step (``docs/samplers.md``).
 
 Public API: :class:`NoiseSchedule`, :func:`step_coefficients`, :func:`ddpm_step`,
 :class:`DDPMStepFunction`, :func:`add_noise`, :func:`sample`, :mod:`reference` (the oracle),

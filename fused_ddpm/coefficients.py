@@ -26,11 +26,6 @@ from .contract import TERM_COLS, Clip, Col, NoiseStream, Var, terms_mask
 from .methods import METHODS, PREDICTIONS, VARIANCES, lookup
 from .schedule import NoiseSchedule, inference_timesteps, sigmas_at
 
-
-def _final_sigma(kind: str, abar: Tensor) -> float:
-    """The final sigma of ``final_sigmas_type`` ``kind`` for ᾱ ``abar``."""
-    return lookup(methods.FINAL_SIGMAS, "final_sigmas_type", kind)(abar)
-
 __all__ = ["StepConfig", "StepCoefficients", "step_coefficients", "add_noise_coefficients",
            "previous_timesteps", "METHODS", "STEP_METHODS", "PREDICTION_TYPES",
            "VARIANCE_TYPES"]
@@ -57,9 +52,10 @@ class StepConfig:
     ``set_alpha_to_one`` with ``method="ddpm"``; the DPM-Solver++ options ``solver_order``
     (1 or 2), ``solver_type`` ("midpoint", "heun"), ``lower_order_final``,
     ``euler_at_final``, ``final_sigmas_type`` ("zero", "sigma_min") with a method other
-    than ``"dpmsolver++"`` / ``"sde-dpmsolver++"``) must keep their defaults: anything else is a ValueError, never
-    silently ignored. DDIM, DPM-Solver++ and Euler ancestral take their own σ; with a learned
-    variance type they take the 2C-channel model output and ignore the variance half.
+    than ``"dpmsolver++"`` / ``"sde-dpmsolver++"``) must keep their defaults: anything else
+    is a ValueError, never silently ignored. DDIM, DPM-Solver++ and Euler ancestral take
+    their own σ; with a learned variance type they take the 2C-channel model output and
+    ignore the variance half.
     """
 
     method: str = "ddpm"
@@ -265,9 +261,12 @@ class StepCoefficients:
         finite = torch.isfinite(table64[rows]).all(dim=1)
         if not bool(finite.all()):
             bad = rows[~finite].tolist()
+            why = ("a second-order DPM-Solver++ step to σ = 0 there: use final_sigmas_type="
+                   "'zero' or lower_order_final" if method.index_by == "step" else
+                   "ᾱ_t = 0 there: a zero-terminal-SNR schedule needs "
+                   "prediction_type='v_prediction' or 'sample'")
             raise ValueError(f"the schedule gives non-finite step coefficients at rows "
-                             f"{bad[:8]} (ᾱ_t = 0 there: a zero-terminal-SNR schedule needs "
-                             f"prediction_type='v_prediction' or 'sample')")
+                             f"{bad[:8]} ({why})")
         nonzero = [c for c in TERM_COLS if bool((table64[:, c] != 0).any())]
         setters = dict(timesteps=ts, sigmas=sigmas, prev_timesteps=prev, table64=table64,
                        rows=rows, terms=terms_mask(nonzero), index_by=method.index_by,
@@ -294,19 +293,19 @@ class StepCoefficients:
 
     @property
     def input_scale(self) -> Tensor:
-        """float64 ``[n]``: the model is called on ``x · input_scale[i]`` at step i — Euler
-        ancestral works in sigma space x = x0 + σ·ε and gives the model the variance-
-        preserving x/√(σ_i² + 1) (diffusers' ``scale_model_input``); 1 for the others."""
-        if self.config.method == "euler_ancestral":
+        """float64 ``[n]``: the model is called on ``x · input_scale[i]`` at step i — methods
+        in sigma space x = x0 + σ·ε (Euler ancestral) give the model the variance-preserving
+        x/√(σ_i² + 1) (diffusers' ``scale_model_input``); 1 for the others."""
+        if METHODS[self.config.method].sigma_space:
             return 1 / (self.sigmas[:-1] ** 2 + 1) ** 0.5
         return torch.ones(self.timesteps.numel(), dtype=torch.float64)
 
     @property
     def init_noise_sigma(self) -> float:
         """The standard deviation of x at the first step: x_T = N(0, I)·init_noise_sigma.
-        Euler ancestral (sigma space): σ_max, or √(σ_max² + 1) with ``leading`` spacing
-        (as diffusers' ``EulerAncestralDiscreteScheduler``); 1 for the others."""
-        if self.config.method == "euler_ancestral":
+        Methods in sigma space (Euler ancestral): σ_max, or √(σ_max² + 1) with ``leading``
+        spacing (as diffusers' ``EulerAncestralDiscreteScheduler``); 1 for the others."""
+        if METHODS[self.config.method].sigma_space:
             smax = float(self.sigmas.max())
             return (smax ** 2 + 1) ** 0.5 if self.timestep_spacing == "leading" else smax
         return 1.0
@@ -487,7 +486,8 @@ def step_coefficients(schedule: NoiseSchedule,
             raise ValueError(f"method={method!r} needs num_inference_steps (or timesteps)")
         ts = spec.timesteps(T, num_inference_steps, spacing, steps_offset)
     if sigmas is None:
-        final = _final_sigma(final_sigmas_type, schedule.alphas_cumprod)
+        final = lookup(methods.FINAL_SIGMAS, "final_sigmas_type",
+                       final_sigmas_type)(schedule.alphas_cumprod)
         sigmas = torch.cat([sigmas_at(schedule.alphas_cumprod, ts.double()),
                             torch.tensor([final], dtype=torch.float64)])
     return StepCoefficients(schedule, cfg, ts, step_gap=step_gap, precision=precision,

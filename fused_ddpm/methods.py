@@ -61,8 +61,31 @@ PRECISIONS: Dict[str, torch.dtype] = {"float64": torch.float64,
 
 
 # ----------------------------------------------------------------------------- scalars
+class _Rows:
+    """What every kind of per-row quantities offers the prediction maps: the row index
+    ``t`` and √ᾱ, √(1 − ᾱ) of the state the model sees (``sa_t``, ``sb_t``)."""
+
+    t: Tensor
+    sa_t: Tensor
+    sb_t: Tensor
+
+    def const(self, value: float) -> Tensor:
+        """A float64 column holding ``value`` in every row."""
+        return torch.full(self.t.shape, float(value), dtype=torch.float64)
+
+    @property
+    def sa(self) -> Tensor:
+        """√ᾱ of the current row, float64 (the final combinations are float64)."""
+        return self.sa_t.double()
+
+    @property
+    def sb(self) -> Tensor:
+        """√(1 − ᾱ) of the current row, float64."""
+        return self.sb_t.double()
+
+
 @dataclass(frozen=True)
-class Scalars:
+class Scalars(_Rows):
     """The per-row quantities of a step from ᾱ_t (row t) to ᾱ_t′ (the row it steps to),
     tensors ``[R]`` in the precision policy's dtype.
 
@@ -98,23 +121,9 @@ class Scalars:
                        alpha=alpha, beta=beta, beta_tilde=b_p / b_t * beta,
                        sa_t=a_t ** 0.5, sb_t=b_t ** 0.5, sa_p=a_p ** 0.5)
 
-    def const(self, value: float) -> Tensor:
-        """A float64 column holding ``value`` in every row."""
-        return torch.full(self.t.shape, float(value), dtype=torch.float64)
-
     def gated(self, value: Tensor) -> Tensor:
         """``value`` where t > 0, else 0: noise is added only for t > 0 (as diffusers)."""
         return torch.where(self.t > 0, value, torch.zeros_like(value))
-
-    @property
-    def sa(self) -> Tensor:
-        """√ᾱ_t, float64 (the final combinations are float64)."""
-        return self.sa_t.double()
-
-    @property
-    def sb(self) -> Tensor:
-        """√(1 − ᾱ_t), float64."""
-        return self.sb_t.double()
 
     @property
     def small_variance(self) -> Tensor:
@@ -123,7 +132,7 @@ class Scalars:
 
 
 @dataclass(frozen=True)
-class SigmaScalars:
+class SigmaScalars(_Rows):
     """The per-row quantities of a sigma-based step i: σ_i → σ_{i+1}, tensors ``[n]`` in the
     precision policy's dtype (``n`` steps, row i = step i).
 
@@ -131,16 +140,17 @@ class SigmaScalars:
     in the variance-preserving form x_vp = α·x has α = 1/√(σ² + 1), σ_vp = σ·α and log-SNR
     λ = log α − log σ_vp. Suffix ``_s``: step i (where the model is evaluated), ``_t``: step
     i + 1 (where the step lands), ``_r``: step i − 1 (the previous model evaluation; row 0
-    repeats σ_0 there, and no builder uses it). ``t`` is the step position (int64).
+    repeats σ_0 there, and no builder uses it). ``t`` is the step position (int64); α and
+    σ_vp of step i are ``sa_t`` and ``sb_t`` (the √ᾱ, √(1 − ᾱ) the predictions read).
     """
 
     t: Tensor
     sigma_s: Tensor
     sigma_t: Tensor
     sigma_r: Tensor
-    alpha_s: Tensor
+    sa_t: Tensor
     alpha_t: Tensor
-    svp_s: Tensor
+    sb_t: Tensor
     svp_t: Tensor
     lam_s: Tensor
     lam_t: Tensor
@@ -158,26 +168,12 @@ class SigmaScalars:
         prev = torch.cat([sig[:1], sig[:n - 1]]) if n else sig[:0]
         lam_r = torch.cat([lam[:1], lam[:n - 1]]) if n else lam[:0]
         return SigmaScalars(t=torch.arange(n), sigma_s=sig[:n], sigma_t=sig[1:], sigma_r=prev,
-                            alpha_s=alpha[:n], alpha_t=alpha[1:], svp_s=svp[:n],
+                            sa_t=alpha[:n], alpha_t=alpha[1:], sb_t=svp[:n],
                             svp_t=svp[1:], lam_s=lam[:n], lam_t=lam[1:], lam_r=lam_r)
 
     @property
     def n(self) -> int:
         return int(self.t.numel())
-
-    def const(self, value: float) -> Tensor:
-        """A float64 column holding ``value`` in every row."""
-        return torch.full(self.t.shape, float(value), dtype=torch.float64)
-
-    @property
-    def sa(self) -> Tensor:
-        """α at step i (the √ᾱ of the VP form the predictions are written in), float64."""
-        return self.alpha_s.double()
-
-    @property
-    def sb(self) -> Tensor:
-        """σ_vp at step i (the √(1 − ᾱ) of the VP form), float64."""
-        return self.svp_s.double()
 
 
 # ----------------------------------------------------------------------------- predictions
@@ -273,7 +269,9 @@ class Method:
     training timesteps ("timestep", built from :class:`Scalars`) or step positions ("step",
     built from :class:`SigmaScalars`). ``timesteps(T, n, spacing, steps_offset)``: the
     timesteps of its diffusers scheduler's ``set_timesteps`` (``default_spacing``: that
-    scheduler's default ``timestep_spacing``).
+    scheduler's default ``timestep_spacing``). ``sigma_space``: its sample is x = x0 + σ·ε
+    (the model is given x/√(σ² + 1), and x_T has standard deviation ≈ σ_0), not the
+    variance-preserving √ᾱ·x0 + √(1 − ᾱ)·ε.
     """
 
     name: str
@@ -287,6 +285,7 @@ class Method:
     index_by: str = "timestep"
     timesteps: Callable[..., Tensor] = inference_timesteps
     default_spacing: str = "leading"
+    sigma_space: bool = False
 
 
 def _ddpm(s: Scalars, cfg: "StepConfig", pred: Prediction) -> Columns:
@@ -358,12 +357,12 @@ def _dpmsolver(s: SigmaScalars, cfg: "StepConfig", pred: Prediction, sde: bool) 
     u, w = pred.x0(s)
     h = s.lam_t - s.lam_s
     if sde:
-        q = s.svp_t / s.svp_s * torch.exp(-h)
+        q = s.svp_t / s.sb_t * torch.exp(-h)
         c0 = s.alpha_t * (1 - torch.exp(-2.0 * h))
         sigma = s.svp_t * torch.sqrt(1.0 - torch.exp(-2 * h))
         h_eff = 2.0 * h
     else:
-        q = s.svp_t / s.svp_s
+        q = s.svp_t / s.sb_t
         c0 = -(s.alpha_t * (torch.exp(-h) - 1.0))
         sigma = None
         h_eff = h
@@ -416,7 +415,7 @@ METHODS: Dict[str, Method] = {m.name: m for m in (
     Method("euler_ancestral", _euler_ancestral, final_alpha=lambda cfg, abar: _ONE,
            variance_types=_OWN_SIGMA_VARIANCES, own_sigma=True,
            options=(), index_by="step", timesteps=euler_timesteps,
-           default_spacing="linspace"),
+           default_spacing="linspace", sigma_space=True),
 )}
 
 T = TypeVar("T")

@@ -202,7 +202,7 @@ class Prepared:
             return view
         tt = normalize_t(t, batch, self.device, self.rows, self.coeffs)
         if self.h_free is not None and not compiling:
-            self._check_history_rows(t)
+            self._check_history_rows(torch.as_tensor(t))       # t is on the host here
         return tt
 
     def _check_history_rows(self, t) -> None:
@@ -214,7 +214,8 @@ class Prepared:
         else:
             ok = bool(self.h_free[int(t)])
         if not ok:
-            raise ValueError(f"history is needed at t={t if not isinstance(t, Tensor) else t.tolist()} "
+            shown = t.tolist() if isinstance(t, Tensor) else t
+            raise ValueError(f"history is needed at t={shown} "
                              f"(method={self.coeffs.config.method!r} reads the previous "
                              f"step's x̂0 there): pass history=the x̂0 of the previous step "
                              f"(return_x0=True)")
@@ -333,7 +334,7 @@ def prepared(coeffs: StepCoefficients, x: Tensor, model_output: Optional[ModelOu
            int if type(t) is int else _value_sig(t),
            _value_sig(seeds), None if out is None else _sig(out), backend,
            _ENV.get("FUSED_DDPM_BACKEND") if backend == "auto" else None, x_name,
-           guide, None if history is None else _sig(history),
+           guide, _sig(history) if isinstance(history, Tensor) else type(history),
            guidance_rescale if guidance_scale is None else None)
     plans = coeffs._plans
     plan = plans.get(key)

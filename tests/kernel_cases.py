@@ -53,15 +53,16 @@ OPTION_VALUES = {"eta": (0.0, 0.7, 0.5), "use_clipped_model_output": (False, Fal
 
 def step_configs() -> List[dict]:
     """Every sampler config of the registry: each sampler method × prediction type × clip
-    mode × (each variance type it takes, or — for methods with options — three settings of
-    its options, cycling through its variance types)."""
+    mode × (each variance type it takes, or — for methods with options or their own σ,
+    which only read the variance type's channel count — three settings of its options,
+    cycling through its variance types)."""
     out = []
     for name, method in METHODS.items():
         if not method.samples:
             continue
         vts = method.variance_types
         for p, c in itertools.product(PREDICTIONS, CLIPS):
-            if not method.options:
+            if not method.options and not method.own_sigma:
                 out += [dict(method=name, prediction_type=p, variance_type=v, **CLIPS[c])
                         for v in vts]
                 continue

@@ -12,15 +12,15 @@ from fused_ddpm.contract import NUM_COLS, TERM_COLS, Col, In, Var
 from helpers import random_inputs
 
 
-def affine_step(x, m, z, t, c, table=None):
+def affine_step(x, m, z, t, c, table=None, history=None):
     """The step as the kernels compute it, from ``table`` (default: the coefficients'
     float64 table), on the torch backend in float64 (with the dynamic-threshold scale in
     float64 too, where the contract has float32, so that only the table is tested)."""
     from fused_ddpm import torch_backend
     from fused_ddpm.reference import dynamic_threshold_scale
     from fused_ddpm.step import prepared
-    plan = prepared(c, x, m, t, z, None, None, "torch")
-    ins = plan.streams(x, m, z)
+    plan = prepared(c, x, m, t, z, None, None, "torch", history=history)
+    ins = plan.streams(x, m, z, history)
     tt = plan.timesteps(t, x.shape[0])
     table = c.table64 if table is None else table
     thresh = None
@@ -68,6 +68,93 @@ def test_table_reproduces_reference(cfg, spacing):
     scale = want_y.abs().max()
     assert float((got_y - want_y).abs().max() / scale) <= 1e-10
     assert float((got_x0 - want_x0).abs().max() / want_x0.abs().max()) <= 1e-10
+
+
+STEP_METHODS = [dict(method=mt, prediction_type=p, **o, **c)
+                for mt, o in (("dpmsolver++", {}), ("dpmsolver++", dict(solver_type="heun")),
+                              ("dpmsolver++", dict(solver_order=1,
+                                                   final_sigmas_type="sigma_min")),
+                              ("sde-dpmsolver++", dict(euler_at_final=True)),
+                              ("sde-dpmsolver++", dict(solver_type="heun",
+                                                       lower_order_final=False,
+                                                       final_sigmas_type="sigma_min")),
+                              ("euler_ancestral", {}))
+                for p, c in itertools.product(PREDICTION_TYPES, CLIPS)]
+STEP_SCHEDULES = [dict(num_inference_steps=9), dict(num_inference_steps=16,
+                                                    timestep_spacing="trailing"),
+                  dict(timesteps=[977.5, 500, 31, 0.25], sigmas=[60.0, 3.0, 0.5, 0.1, 0.02])]
+
+
+@pytest.mark.parametrize("cfg", STEP_METHODS, ids=_id)
+@pytest.mark.parametrize("spacing", STEP_SCHEDULES, ids=_id)
+def test_step_indexed_table_reproduces_reference(cfg, spacing):
+    """Every row of a step-indexed table (t = 0 … n − 1 in one batch), with a history."""
+    sched = fd.NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c = fd.step_coefficients(sched, **cfg, **spacing)
+    n = c.num_rows
+    g = torch.Generator().manual_seed(len(_id(cfg)) * 7 + n)
+    shape = (n, 3, 4, 5)
+    x, m, z = random_inputs(c, shape, generator=g)
+    x = x * torch.linspace(1, 20, n, dtype=torch.float64).reshape(-1, 1, 1, 1)
+    h = torch.randn(shape, generator=g, dtype=torch.float64)
+    t = torch.arange(n)
+    want_y, want_x0 = fd.reference.ddpm_step(x, m, t, c, noise=z, return_x0=True, history=h)
+    got_y, got_x0 = affine_step(x, m, z, t, c, history=h)
+    err = (got_y - want_y).abs().amax(dim=(1, 2, 3)) / want_y.abs().amax(dim=(1, 2, 3))
+    assert float(err.max()) <= 1e-10, err
+    err0 = (got_x0 - want_x0).abs().amax(dim=(1, 2, 3)) / want_x0.abs().amax(dim=(1, 2, 3))
+    assert float(err0.max()) <= 1e-10, err0
+
+
+def test_solver_orders_follow_the_reference_rule():
+    sched = fd.NoiseSchedule()
+    from fused_ddpm.methods import solver_orders
+    for n in (1, 2, 3, 14, 15, 16):
+        for kw in itertools.product((1, 2), (True, False), (True, False), ("zero", "sigma_min")):
+            c = fd.step_coefficients(sched, method="dpmsolver++", num_inference_steps=n,
+                                     **dict(zip(("solver_order", "lower_order_final",
+                                                 "euler_at_final", "final_sigmas_type"), kw)))
+            want = [fd.reference.dpm_order(i, n, c.config) for i in range(n)]
+            assert solver_orders(n, c.config).tolist() == want
+            assert c.multistep == (2 in want)
+            second = torch.tensor(want) == 2
+            assert bool((c.table64[second, Col.H] != 0).all())
+            assert bool((c.table64[~second, Col.H] == 0).all())
+
+
+def test_step_indexed_precision_policies_agree():
+    sched = fd.NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    for cfg in (dict(method="dpmsolver++"), dict(method="sde-dpmsolver++", solver_type="heun",
+                                                 final_sigmas_type="sigma_min"),
+                dict(method="euler_ancestral", prediction_type="v_prediction")):
+        a = fd.step_coefficients(sched, num_inference_steps=20, **cfg)
+        b = fd.step_coefficients(sched, num_inference_steps=20, precision="diffusers_float32",
+                                 **cfg)
+        scale = a.table64.abs().amax(dim=0).clamp(min=1e-30)
+        err = (a.table64 - b.table64).abs().amax(dim=0) / scale
+        assert float(err.max()) < 1e-5, cfg
+        assert a.terms == b.terms
+
+
+def test_step_indexed_coefficients_facts():
+    sched = fd.NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    c = fd.step_coefficients(sched, method="euler_ancestral", num_inference_steps=7)
+    assert c.index_by == "step" and c.num_rows == 7 and c.rows.tolist() == list(range(7))
+    assert c.timesteps.dtype == torch.float64              # linspace: fractional
+    assert c.noise_stream == fd.contract.NoiseStream.STEP and c.prev_timesteps is None
+    abar = sched.alphas_cumprod
+    assert float(c.sigmas[0]) == pytest.approx(float(((1 - abar[-1]) / abar[-1]) ** 0.5))
+    assert float(c.sigmas[-1]) == 0.0
+    torch.testing.assert_close(c.input_scale, 1 / (c.sigmas[:-1] ** 2 + 1) ** 0.5)
+    assert c.init_noise_sigma == pytest.approx(float(c.sigmas[0]))
+    lead = fd.step_coefficients(sched, method="euler_ancestral", num_inference_steps=7,
+                                timestep_spacing="leading")
+    assert lead.timesteps.dtype == torch.int64
+    assert lead.init_noise_sigma == pytest.approx((float(lead.sigmas[0]) ** 2 + 1) ** 0.5)
+    d = fd.step_coefficients(sched, method="dpmsolver++", num_inference_steps=7)
+    assert d.init_noise_sigma == 1.0 and bool((d.input_scale == 1).all())
+    ddpm = fd.step_coefficients(sched, num_inference_steps=7)
+    assert ddpm.index_by == "timestep" and ddpm.sigmas is None and not ddpm.multistep
 
 
 def test_table_shape_device_and_p_zero_without_clip():

@@ -303,3 +303,90 @@ def test_production_threshold_scale_matches_the_oracles(n, ratio):
         torch.testing.assert_close(got.double(), want, rtol=1e-6, atol=0, equal_nan=True)
     torch.testing.assert_close(want, q, rtol=1e-12, atol=0, equal_nan=True)
     assert bool(torch.isnan(want[3])) == (n > 1) and float(want[1]) == 1.0
+
+
+# ------------------------------------------------------------------ #14: sigma-based samplers
+def _sigma_loop(stock, coeffs, n, seed):
+    """diffusers' loop and the reference's on the same inputs (external noise); returns
+    the largest relative difference of x over the steps, and of the x̂0 state."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(SHAPE, generator=g, dtype=torch.float32) * float(stock.init_noise_sigma)
+    mine, h, worst = x.double(), None, 0.0
+    for i, t in enumerate(stock.timesteps):
+        m = torch.randn(SHAPE, generator=g, dtype=torch.float32)
+        z = torch.randn(SHAPE, generator=g, dtype=torch.float32)
+        if type(stock).__name__.startswith("Euler"):
+            stock.scale_model_input(x, t)
+            out = stock.step(m, t, x, generator=torch.Generator().manual_seed(i))
+            z = torch.randn(SHAPE, generator=torch.Generator().manual_seed(i))
+            x0_stock = out.pred_original_sample
+        else:
+            out = stock.step(m, t, x, variance_noise=z)
+            x0_stock = stock.model_outputs[-1]
+        mine, h = fd.reference.ddpm_step(mine, m.double(), i, coeffs, noise=z.double(),
+                                         history=h, return_x0=True)
+        x = out.prev_sample
+        worst = max(worst, _rel(mine, x.double()), _rel(h, x0_stock.double()))
+        mine = x.double()         # follow diffusers' trajectory: compare steps, not drift
+    return worst
+
+
+DPM_GRID = [dict(), dict(solver_type="heun"), dict(solver_order=1),
+            dict(algorithm_type="sde-dpmsolver++"),
+            dict(algorithm_type="sde-dpmsolver++", solver_type="heun"),
+            dict(final_sigmas_type="sigma_min", lower_order_final=False),
+            dict(euler_at_final=True, final_sigmas_type="sigma_min"),
+            dict(prediction_type="v_prediction", timestep_spacing="trailing"),
+            dict(prediction_type="sample", thresholding=True, sample_max_value=2.0,
+                 timestep_spacing="leading"),
+            dict(use_karras_sigmas=True)]
+
+
+@pytest.mark.parametrize("kw", DPM_GRID, ids=str)
+@pytest.mark.parametrize("n", [8, 20])
+def test_dpmsolver_matches_diffusers(kw, n):
+    """The reference's DPM-Solver++ (log-sigma form) vs diffusers' DPMSolverMultistepScheduler
+    (its λ form), step by step, with diffusers' own timesteps and sigmas."""
+    sched = fd.NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    stock = diffusers.DPMSolverMultistepScheduler(beta_schedule="scaled_linear",
+                                                  beta_start=0.00085, beta_end=0.012, **kw)
+    stock.set_timesteps(n)
+    opts = {k: v for k, v in kw.items() if k not in ("algorithm_type", "use_karras_sigmas")}
+    c = fd.step_coefficients(sched, method=kw.get("algorithm_type", "dpmsolver++"),
+                             timesteps=stock.timesteps, sigmas=stock.sigmas, **opts)
+    assert _sigma_loop(stock, c, n, seed=n) <= 2e-5
+
+
+@pytest.mark.parametrize("kw", [dict(), dict(prediction_type="v_prediction"),
+                                dict(timestep_spacing="leading"),
+                                dict(timestep_spacing="trailing")], ids=str)
+def test_euler_ancestral_matches_diffusers(kw):
+    sched = fd.NoiseSchedule(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    stock = diffusers.EulerAncestralDiscreteScheduler(beta_schedule="scaled_linear",
+                                                      beta_start=0.00085, beta_end=0.012, **kw)
+    stock.set_timesteps(12)
+    opts = {k: v for k, v in kw.items()}
+    c = fd.step_coefficients(sched, method="euler_ancestral", timesteps=stock.timesteps,
+                             sigmas=stock.sigmas, **opts)
+    assert _sigma_loop(stock, c, 12, seed=3) <= 2e-5
+
+
+def test_guided_reference_is_the_guidance_formula():
+    """The reference's guidance is m_u + g·(m_c − m_u), rescaled by Lin et al.'s rule: equal
+    to the unguided reference on that m (and the variance half from the conditional one)."""
+    sched = fd.NoiseSchedule()
+    c = fd.step_coefficients(sched, variance_type="learned_range", num_inference_steps=20)
+    g = torch.Generator().manual_seed(4)
+    x, mu, z = random_inputs(c, SHAPE, generator=g)
+    _, mc, _ = random_inputs(c, SHAPE, generator=g)
+    C = SHAPE[1]
+    t = c.timesteps[:SHAPE[0]]
+    m = mu[:, :C] + 5.0 * (mc[:, :C] - mu[:, :C])
+    dims = (1, 2, 3)
+    std_c = mc[:, :C].std(dim=dims, keepdim=True)
+    rescaled = m * std_c / m.std(dim=dims, keepdim=True)
+    m = 0.6 * rescaled + 0.4 * m
+    want = fd.reference.ddpm_step(x, torch.cat([m, mc[:, C:]], dim=1), t, c, noise=z)
+    got = fd.reference.ddpm_step(x, torch.cat([mu, mc]), t, c, noise=z, guidance_scale=5.0,
+                                 guidance_rescale=0.6)
+    assert _rel(got, want) <= 1e-12
