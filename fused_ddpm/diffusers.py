@@ -114,6 +114,8 @@ _DDPM_VARIANCES: Dict[str, Optional[str]] = {
 class StockFallbackWarning(UserWarning):
     """A fused drop-in runs diffusers' own ``step`` for some or all steps (the message says
     which and why); its outputs are still diffusers' outputs."""
+
+
 _INSTALL_HINT = ("fused_ddpm.diffusers needs the diffusers package: pip install diffusers "
                  "(or pip install 'fused-ddpm[diffusers]')")
 
