@@ -5,7 +5,7 @@
 // scalar, AVX2 and AVX-512 paths run the same operations and give the same bits.
 //
 // Primitives V and VI provide besides those of step_math.h: fnma_(a, b, c) = c - a b with one
-// rounding, and lookup32(table, i) = table[i mod 32] per lane (a 32-entry table of floats).
+// rounding, and lookup32(lut, i) = lut[i mod 32] per lane (a 32-entry table of floats).
 #pragma once
 
 #include <stdint.h>
@@ -15,7 +15,7 @@
 namespace fused_ddpm {
 
 FD_HD float fnma_(float a, float b, float c) { return fd_fma(-a, b, c); }
-inline float lookup32(const float* table, int32_t i) { return table[i & 31]; }
+inline float lookup32(const float* lut, int32_t i) { return lut[i & 31]; }
 
 // -2 ln u for u in (0, 1]. With u = 2^e m, m in [sqrt(1/2), sqrt(2)), f = m - 1:
 // -2 ln m = g + f^2 (1 + f P(f)) with g = -2 f (exact) and P = -2 (a degree-6 minimax fit of
