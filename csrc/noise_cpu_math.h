@@ -5,7 +5,7 @@
 // scalar, AVX2 and AVX-512 paths run the same operations and give the same bits.
 //
 // Primitives V and VI provide besides those of step_math.h: fnma_(a, b, c) = c - a b with one
-// rounding, and lookup32(table, i) = table[i mod 32] per lane (a 32-entry table of floats).
+// rounding, and lookup32(lut, i) = lut[i mod 32] per lane (a 32-entry table of floats).
 #pragma once
 
 #include <stdint.h>
@@ -15,27 +15,33 @@
 namespace fused_ddpm {
 
 FD_HD float fnma_(float a, float b, float c) { return fd_fma(-a, b, c); }
-inline float lookup32(const float* table, int32_t i) { return table[i & 31]; }
+inline float lookup32(const float* lut, int32_t i) { return lut[i & 31]; }
 
-// -2 ln u for u in (0, 1]. With u = 2^e (1 + f): -2 ln(1 + f) = -2 f + f^2 (1 + f P(f)) with
-// P = -2 (a degree-6 minimax fit of (ln(1 + f) - f + f^2 / 2) / f^3 on [sqrt(1/2) - 1,
-// sqrt(2) - 1]); -2 f and e (-2 ln 2)_hi are exact, e (-2 ln 2)_lo joins the small part.
-// Within one ulp of -2 x PyTorch's logf on every uniform (checked exhaustively).
+// -2 ln u for u in (0, 1]. With u = 2^e m, m in [sqrt(1/2), sqrt(2)), f = m - 1:
+// -2 ln m = g + f^2 (1 + f P(f)) with g = -2 f (exact) and P = -2 (a degree-6 minimax fit of
+// (ln(1 + f) - f + f^2 / 2) / f^3 on [sqrt(1/2) - 1, sqrt(2) - 1]), evaluated in g: the
+// coefficients are scaled by powers of two (exactly), so that f^2 (1 + f P) = g^2 Q(g) with
+// one multiply less. e (-2 ln 2)_hi is exact; e (-2 ln 2)_lo joins the small part. Within one
+// ulp of -2 x PyTorch's logf on every uniform (checked exhaustively).
 template <typename V, typename VI>
 inline V neg2_log_cpu(const V& u) {
   constexpr float P[] = {0.3333390951156616f,  -0.2500133812427521f, 0.19963061809539795f,
                          -0.1657758504152298f, 0.1491478979587555f,  -0.14267489314079285f,
                          0.0870036780834198f};
+  // Q(g) = 1/4 + g Σ_i P'_i g^i with P'_i = -2 P_i (-1/2)^(i + 1) / 4 (f = -g / 2)
+  constexpr float Q6 = -2 * P[6] / -512, Q5 = -2 * P[5] / 256, Q4 = -2 * P[4] / -128,
+                  Q3 = -2 * P[3] / 64, Q2 = -2 * P[2] / -32, Q1 = -2 * P[1] / 16,
+                  Q0 = -2 * P[0] / -8;
   constexpr float N2LN2_HI = -2 * 0.693145751953125f;      // 16 bits: e N2LN2_HI is exact
   constexpr float N2LN2_LO = -2 * 1.428606765330187e-06f;  // ln 2 - ln2_hi
-  V e, f;
-  log_reduce<V, VI>(u, e, f);
-  V p = V(-2 * P[6]);
-  for (int i = 5; i >= 0; --i) p = fma_(p, f, V(-2 * P[i]));
-  const V q = fma_(p, f, V(1.0f));
-  const V hi = fma_(e, V(N2LN2_HI), V(-2.0f) * f);
-  const V lo = fma_(f * f, q, e * V(N2LN2_LO));
-  return hi + lo;
+  const VI ix = as_int(u) - VI(static_cast<int32_t>(LOG_REDUCE_C));
+  const V e = to_float(sra_(ix, 23));
+  const V m = as_float((ix & VI(0x7fffff)) + VI(static_cast<int32_t>(LOG_REDUCE_C)));
+  const V g = fma_(m, V(-2.0f), V(2.0f));  // -2 f, exact
+  V q = V(Q6);
+  for (const float c : {Q5, Q4, Q3, Q2, Q1, Q0}) q = fma_(q, g, V(c));
+  q = fma_(q, g, V(0.25f));
+  return fma_(e, V(N2LN2_HI), g) + fma_(g * g, q, e * V(N2LN2_LO));
 }
 
 // sin(j pi / 16) and cos(j pi / 16), j = 0 .. 31, each as float32 hi + lo, from the quarter wave.

@@ -37,9 +37,11 @@ inline void group_normals(uint64_t seed, uint32_t t, uint32_t stream, uint64_t g
 namespace simd {
 
 // ------------------------------------------------------------------------------ AVX-512
-// The constants of one sample's stream: the round keys and counter words (t, stream).
+// The constants of one sample's stream: the round keys and counter words (t, stream); a1 and
+// p0 are the state after round 0 and the round-1 product of its (c0, c1) half for the groups
+// below 2^32 (counter word c1 = 0), which do not depend on the group.
 struct Philox16 {
-  __m512i k0[PHILOX_ROUNDS], k1[PHILOX_ROUNDS], tw;
+  __m512i k0[PHILOX_ROUNDS], k1[PHILOX_ROUNDS], tw, a1, p0;
   FD_AVX512 Philox16(uint64_t seed, uint32_t t, uint32_t stream) {
     for (int r = 0; r < PHILOX_ROUNDS; ++r) {
       k0[r] = _mm512_set1_epi32(static_cast<int32_t>(static_cast<uint32_t>(seed) + r * PHILOX_W0));
@@ -47,12 +49,31 @@ struct Philox16 {
           static_cast<int32_t>(static_cast<uint32_t>(seed >> 32) + r * PHILOX_W1));
     }
     tw = _mm512_set1_epi64(static_cast<int64_t>((static_cast<uint64_t>(stream) << 32) | t));
+    uint32_t hi, lo;
+    mul_wide(PHILOX_M1, t, hi, lo);
+    const uint32_t c0 = hi ^ static_cast<uint32_t>(seed);  // ^ c1 = 0
+    a1 = _mm512_set1_epi64(static_cast<int64_t>((static_cast<uint64_t>(lo) << 32) | c0));
+    p0 = _mm512_set1_epi64(static_cast<int64_t>(static_cast<uint64_t>(c0) * PHILOX_M0));
   }
 };
 
-// The Philox words of groups g .. g + 8 NB - 1 (logical elements 4 g ..): per batch b of 8
-// groups, W0[b] = (c0, c2) and W1[b] = (c1, c3) in the 64-bit lanes. The NB batches are
-// independent chains the core interleaves.
+// One Philox round of 8 groups in (A, B), from the products P1 = c2 M1 and P0 = c0 M0: the
+// new words in place, or after the last round the gathered (c0, c2) in A and (c1, c3) in B.
+FD_AVX512 inline void philox_round16(__m512i& A, __m512i& B, __m512i P1, __m512i P0,
+                                     __m512i k0, __m512i k1, bool last) {
+  const __mmask16 odd = 0xAAAA;
+  // (lo1, hi1 ^ c1 ^ k0) and (lo0, hi0 ^ c3 ^ k1)
+  const __m512i T1 = _mm512_mask_ternarylogic_epi32(P1, odd, A, k0, 0x96);
+  const __m512i T0 = _mm512_mask_ternarylogic_epi32(P0, odd, B, k1, 0x96);
+  if (!last) {
+    A = _mm512_shuffle_epi32(T1, _MM_PERM_CDAB);  // a dword shuffle and a rotation: two ports
+    B = _mm512_ror_epi64(T0, 32);
+  } else {
+    A = _mm512_mask_shuffle_epi32(T0, 0x5555, T1, _MM_PERM_DDBB);  // (c0, c2)
+    B = _mm512_mask_shuffle_epi32(T1, odd, T0, _MM_PERM_CCAA);     // (c1, c3)
+  }
+}
+
 // Where the normals of 32 elements land in the two vectors box_muller16 gives per batch.
 enum class ZOrder {
   ELEMENT,   // z[0] = elements 0 .. 15, z[1] = 16 .. 31
@@ -75,21 +96,27 @@ FD_AVX512 inline void philox16(const Philox16& key, uint64_t g, __m512i* W0, __m
     A[b] = _mm512_add_epi64(_mm512_set1_epi64(static_cast<int64_t>(g + 8 * b)), order);
     B[b] = key.tw;
   }
-  for (int r = 0; r < PHILOX_ROUNDS; ++r) {
+  if (g + 8 * NB <= (uint64_t(1) << 32)) {  // c1 = 0: rounds 0 and 1 from the constants
     for (int b = 0; b < NB; ++b) {
-      // (lo1, hi1 ^ c1 ^ k0) and (lo0, hi0 ^ c3 ^ k1)
-      const __m512i T1 = _mm512_mask_ternarylogic_epi32(_mm512_mul_epu32(B[b], M1), odd, A[b],
-                                                        key.k0[r], 0x96);
-      const __m512i T0 = _mm512_mask_ternarylogic_epi32(_mm512_mul_epu32(A[b], M0), odd, B[b],
-                                                        key.k1[r], 0x96);
-      if (r + 1 < PHILOX_ROUNDS) {
-        A[b] = _mm512_shuffle_epi32(T1, _MM_PERM_CDAB);  // a dword shuffle and a rotation:
-        B[b] = _mm512_ror_epi64(T0, 32);                 // two ports
-      } else {
-        W0[b] = _mm512_mask_shuffle_epi32(T0, 0x5555, T1, _MM_PERM_DDBB);  // (c0, c2)
-        W1[b] = _mm512_mask_shuffle_epi32(T1, odd, T0, _MM_PERM_CCAA);     // (c1, c3)
-      }
+      B[b] = _mm512_ror_epi64(
+          _mm512_mask_ternarylogic_epi32(_mm512_mul_epu32(A[b], M0), odd, B[b], key.k1[0], 0x96),
+          32);
+      A[b] = key.a1;
+      philox_round16(A[b], B[b], _mm512_mul_epu32(B[b], M1), key.p0, key.k0[1], key.k1[1], false);
     }
+  } else {
+    for (int r = 0; r < 2; ++r)
+      for (int b = 0; b < NB; ++b)
+        philox_round16(A[b], B[b], _mm512_mul_epu32(B[b], M1), _mm512_mul_epu32(A[b], M0),
+                       key.k0[r], key.k1[r], false);
+  }
+  for (int r = 2; r < PHILOX_ROUNDS; ++r)
+    for (int b = 0; b < NB; ++b)
+      philox_round16(A[b], B[b], _mm512_mul_epu32(B[b], M1), _mm512_mul_epu32(A[b], M0),
+                     key.k0[r], key.k1[r], r + 1 == PHILOX_ROUNDS);
+  for (int b = 0; b < NB; ++b) {
+    W0[b] = A[b];
+    W1[b] = B[b];
   }
 }
 

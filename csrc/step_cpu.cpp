@@ -5,8 +5,10 @@
 // channels, so that each channel's noise is P consecutive logical elements). Per block the
 // noise is generated first (noise_cpu.cpp), then one vector loop (step_cpu_loops.h) applies
 // the per-element math of step_math.h. The lean step (no clip, fixed variance, no guidance:
-// y = Q x + R m + S z) and its backward read and write the tensors' dtype directly; every
-// other launch goes through compute-type buffers (float; double for fp64).
+// y = Q x + R m + S z) and its backward read and write the tensors' dtype directly; with
+// in-kernel noise in the contiguous layout the lean step takes the normals straight from
+// registers (NOISE_BLOCK elements per block, no noise buffer). Every other launch goes
+// through compute-type buffers (float; double for fp64).
 #include "step_cpu.h"
 
 #include <ATen/Parallel.h>

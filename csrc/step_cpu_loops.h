@@ -3,8 +3,9 @@
 //
 // Each loop exists as plain C++ (the baseline, and the copy for every non-x86 machine) and,
 // on x86, as copies compiled for AVX-512 and for AVX2 + FMA + F16C, picked per call by
-// cpu_isa_level() (the choice the noise path made). The lean step and the dtype conversions
-// are explicit vector code; the general loops are the per-element math of step_math.h,
+// cpu_isa_level() (the choice the noise path made). The lean step (also fused with the
+// in-kernel noise of noise_cpu_simd.h) and the dtype conversions are explicit vector code;
+// the general loops are the per-element math of step_math.h,
 // vectorised by the compiler in each copy. No copy fuses a multiply and an add (setup.py
 // builds with -ffp-contract=off, the vector code uses separate multiplies and adds), and a
 // block's partial last vector runs through the same vector code on padded copies, so every

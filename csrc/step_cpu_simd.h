@@ -54,9 +54,9 @@ FD_AVX512 inline I16 operator+(I16 a, I16 b) { return I16(_mm512_add_epi32(a.v, 
 FD_AVX512 inline I16 operator-(I16 a, I16 b) { return I16(_mm512_sub_epi32(a.v, b.v)); }
 FD_AVX512 inline I16 operator&(I16 a, I16 b) { return I16(_mm512_and_si512(a.v, b.v)); }
 FD_AVX512 inline I16 sra_(I16 a, int n) { return I16(_mm512_srai_epi32(a.v, n)); }
-// table[i mod 32] per lane (a 32-entry table in two registers: one vpermt2ps).
-FD_AVX512 inline F16 lookup32(const float* table, I16 i) {
-  return F16(_mm512_permutex2var_ps(_mm512_load_ps(table), i.v, _mm512_load_ps(table + 16)));
+// lut[i mod 32] per lane (a 32-entry table in two registers: one vpermt2ps).
+FD_AVX512 inline F16 lookup32(const float* lut, I16 i) {
+  return F16(_mm512_permutex2var_ps(_mm512_load_ps(lut), i.v, _mm512_load_ps(lut + 16)));
 }
 
 // ------------------------------------------------------------------------------ AVX2
@@ -85,11 +85,11 @@ FD_AVX2 inline I8 operator+(I8 a, I8 b) { return I8(_mm256_add_epi32(a.v, b.v));
 FD_AVX2 inline I8 operator-(I8 a, I8 b) { return I8(_mm256_sub_epi32(a.v, b.v)); }
 FD_AVX2 inline I8 operator&(I8 a, I8 b) { return I8(_mm256_and_si256(a.v, b.v)); }
 FD_AVX2 inline I8 sra_(I8 a, int n) { return I8(_mm256_srai_epi32(a.v, n)); }
-// table[i mod 32] per lane: the four 8-entry quarters, then bits 3 and 4 of i (moved to the
+// lut[i mod 32] per lane: the four 8-entry quarters, then bits 3 and 4 of i (moved to the
 // sign) pick.
-FD_AVX2 inline F8 lookup32(const float* table, I8 i) {
+FD_AVX2 inline F8 lookup32(const float* lut, I8 i) {
   __m256 q[4];
-  for (int k = 0; k < 4; ++k) q[k] = _mm256_permutevar8x32_ps(_mm256_load_ps(table + 8 * k), i.v);
+  for (int k = 0; k < 4; ++k) q[k] = _mm256_permutevar8x32_ps(_mm256_load_ps(lut + 8 * k), i.v);
   const __m256 b3 = _mm256_castsi256_ps(_mm256_slli_epi32(i.v, 28));
   const __m256 b4 = _mm256_castsi256_ps(_mm256_slli_epi32(i.v, 27));
   return F8(_mm256_blendv_ps(_mm256_blendv_ps(q[0], q[1], b3), _mm256_blendv_ps(q[2], q[3], b3),
