@@ -15,8 +15,13 @@ RESULTS_DIR = os.path.join(HERE, "results")
 SASS_ESTIMATE = os.path.join(RESULTS_DIR, "sass-estimate-sm90.txt")
 #: providers drawn bold in tables and thick in plots: the fused step itself
 FUSED_OR_SAMPLE = FUSED + ("sample",)
-#: one colour per provider, the same in every panel and every run (matplotlib's tab10)
-COLORS = {p: f"C{i % 10}" for i, p in enumerate(PROVIDERS)}
+#: matplotlib's tab10, then the light half of tab20: one distinct colour per provider
+PALETTE = ["#1f77b4", "#ff7f0e", "#2ca02c", "#d62728", "#9467bd", "#8c564b", "#e377c2",
+           "#7f7f7f", "#bcbd22", "#17becf", "#aec7e8", "#ffbb78", "#98df8a", "#ff9896",
+           "#c5b0d5", "#c49c94", "#f7b6d2", "#c7c7c7", "#dbdb8d", "#9edae5"]
+assert len(PROVIDERS) <= len(PALETTE), "bench/report.py: add colours to PALETTE"
+#: one colour per provider, the same in every panel and every run
+COLORS = {p: PALETTE[i] for i, p in enumerate(PROVIDERS)}
 
 
 def _us(v) -> str:
