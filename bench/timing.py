@@ -62,19 +62,31 @@ def _first_and_warmup(fn: Callable[[int], object], device, warmup_s: float):
     return first, est, i
 
 
+def _calls_per_repeat(est_s: float, min_repeat_s: float) -> int:
+    """How many back-to-back calls make one repeat last at least ``min_repeat_s``."""
+    return max(1, int(math.ceil(min_repeat_s / max(est_s, 1e-9))))
+
+
+def _wall_run(fn, i: int, k: int, device) -> Tuple[float, int]:
+    """Seconds per call of ``fn(i) … fn(i + k − 1)``, the device synchronised around the
+    run; and the next call index."""
+    _sync(device)
+    t0 = time.perf_counter()
+    for _ in range(k):
+        fn(i)
+        i += 1
+    _sync(device)
+    return (time.perf_counter() - t0) / k, i
+
+
 def time_wall(fn, device, repeats: int, min_repeat_s: float, warmup_s: float) -> Timing:
     """Wall clock (``time.perf_counter``), synchronising the device around each repeat."""
     first, est, i = _first_and_warmup(fn, device, warmup_s)
-    k = max(1, int(math.ceil(min_repeat_s / max(est, 1e-9))))
+    k = _calls_per_repeat(est, min_repeat_s)
     samples = []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(k):
-            fn(i)
-            i += 1
-        _sync(device)
-        samples.append((time.perf_counter() - t0) / k * 1e6)
+        per_call, i = _wall_run(fn, i, k, device)
+        samples.append(per_call * 1e6)
     return Timing(samples, k, "wall", first)
 
 
@@ -82,7 +94,7 @@ def time_events(fn, device, repeats: int, min_repeat_s: float, warmup_s: float) 
     """CUDA events around each repeat of k back-to-back calls (per-call time = elapsed / k:
     launch-bound calls are measured at the rate Python can issue them)."""
     first, est, i = _first_and_warmup(fn, device, warmup_s)
-    k = max(1, int(math.ceil(min_repeat_s / max(est, 1e-9))))
+    k = _calls_per_repeat(est, min_repeat_s)
     starts = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     ends = [torch.cuda.Event(enable_timing=True) for _ in range(repeats)]
     for r in range(repeats):
@@ -123,24 +135,14 @@ def time_paired(fn, base, device, repeats: int, min_repeat_s: float, warmup_s: f
     so the ratios hold on a busy machine where separately timed rows drift apart."""
     first, est, i = _first_and_warmup(fn, device, warmup_s)
     _, best, j = _first_and_warmup(base, device, warmup_s)
-    k = max(1, int(math.ceil(min_repeat_s / max(est, 1e-9))))
-    kb = max(1, int(math.ceil(min_repeat_s / max(best, 1e-9))))
+    k = _calls_per_repeat(est, min_repeat_s)
+    kb = _calls_per_repeat(best, min_repeat_s)
     samples, ratios = [], []
     for _ in range(repeats):
-        _sync(device)
-        t0 = time.perf_counter()
-        for _ in range(kb):
-            base(j)
-            j += 1
-        _sync(device)
-        t1 = time.perf_counter()
-        for _ in range(k):
-            fn(i)
-            i += 1
-        _sync(device)
-        t2 = time.perf_counter()
-        samples.append((t2 - t1) / k * 1e6)
-        ratios.append(((t2 - t1) / k) / ((t1 - t0) / kb))
+        base_call, j = _wall_run(base, j, kb, device)
+        per_call, i = _wall_run(fn, i, k, device)
+        samples.append(per_call * 1e6)
+        ratios.append(per_call / base_call)
     return Timing(samples, k, "wall", first), ratios
 
 
