@@ -1,13 +1,16 @@
 """Loads the compiled extensions (``fused_ddpm._C``, ``fused_ddpm._C_cuda``) if present.
 
 The shared objects register ``torch.ops.fused_ddpm.*`` ops (schemas in ``csrc/ops.cpp``)
-and are loaded with ``torch.ops.load_library``; they define no Python module. A missing or
+and are loaded with ``torch.ops.load_library``. ``_C`` is also a Python module
+(``csrc/direct_launch.cpp``, :func:`direct`): the step's launches through the C++
+dispatcher, without the Python side of ``torch.ops`` (about 8 µs a call). A missing or
 broken build never breaks ``import fused_ddpm``: the reason is kept for
 :func:`fused_ddpm.backends`. A shared object that the latest build (its record,
 ``_build_info.json``) says it did not make is left alone: it is stale.
 """
 from __future__ import annotations
 
+import importlib
 import importlib.util
 import json
 from pathlib import Path
@@ -53,6 +56,18 @@ def load() -> Dict[str, Optional[str]]:
         else:
             _status["_C_cuda"] = _load("_C_cuda")
     return _status
+
+
+def direct():
+    """The ``fused_ddpm._C`` Python module (``step_forward``, ``step_backward``,
+    ``PlainStep``), or None when ``_C`` is not loaded or predates it."""
+    if load()["_C"] is not None:
+        return None
+    try:
+        module = importlib.import_module("fused_ddpm._C")
+    except ImportError:
+        return None
+    return module if hasattr(module, "PlainStep") else None
 
 
 def has_op(name: str) -> bool:

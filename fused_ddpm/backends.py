@@ -152,11 +152,15 @@ def _probe_triton() -> str:
 
 # ----------------------------------------------------------------------------- launchers
 def _load_extension(checked: bool) -> Launchers:
-    """The torch ops (they always check). For a prepared step (``checked=False``) the
-    overloads' C++ callables themselves: the same ops without the Python wrapper's µs."""
+    """The torch ops, which always check, so ``checked`` changes nothing here. The step's
+    forward and backward are called through the C++ dispatcher by ``fused_ddpm._C``'s
+    Python functions (:func:`fused_ddpm._extension.direct`) when the build has them: the
+    same ops without the Python side of ``torch.ops``."""
     ops = torch.ops.fused_ddpm
-    found = [getattr(ops, n) for n in _CONTRACT_OPS]
-    return Launchers(*(op if checked else op.default._op for op in found))
+    direct = _extension.direct()
+    forward, backward = ((direct.step_forward, direct.step_backward) if direct is not None
+                         else (ops.step_forward_kernel, ops.step_backward_kernel))
+    return Launchers(forward, backward, ops.philox_uint32, ops.philox_normal_kernel)
 
 
 def _load_triton(checked: bool) -> Launchers:

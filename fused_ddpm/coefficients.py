@@ -204,6 +204,7 @@ class StepCoefficients:
         rows: int64 CPU ``[n]``, the row each visited step reads (the t to pass): the
             timestep, or the step position 0 … n − 1 for methods indexed by step.
         terms: the TERMS flag (bit ``Col.X`` set iff column X is nonzero in some row).
+        reads_history: per row, whether its step reads the previous x̂0 (H ≠ 0).
         index_by: ``"timestep"`` or ``"step"``; noise_stream: the Philox stream word.
     """
 
@@ -223,6 +224,8 @@ class StepCoefficients:
     timestep_spacing: Optional[str] = field(default=None, repr=False)
     _cache: Dict[Tuple[str, str, Any], Tensor] = field(init=False, repr=False)
     _plans: Dict[tuple, Any] = field(init=False, repr=False)
+    _fast: Dict[Any, Any] = field(init=False, repr=False)
+    reads_history: Tuple[bool, ...] = field(init=False, repr=False)
 
     def __post_init__(self) -> None:
         if not isinstance(self.schedule, NoiseSchedule):
@@ -271,7 +274,8 @@ class StepCoefficients:
         setters = dict(timesteps=ts, sigmas=sigmas, prev_timesteps=prev, table64=table64,
                        rows=rows, terms=terms_mask(nonzero), index_by=method.index_by,
                        noise_stream=stream, device=torch.device(self.device),
-                       _cache={}, _plans={})
+                       _cache={}, _plans={}, _fast={},
+                       reads_history=tuple((table64[:, int(Col.H)] != 0).tolist()))
         for name, value in setters.items():
             object.__setattr__(self, name, value)
 
@@ -356,12 +360,15 @@ class StepCoefficients:
         return self.cached("table", device, dtype,
                            lambda: self.table64.to(device=device, dtype=dtype).contiguous())
 
-    def row_index(self, t: int, device: torch.device) -> Tensor:
-        """int64 0-d tensor on ``device`` holding row ``t`` (a view: no kernel, no copy)."""
-        rows = self.cached("rows", device, None,
+    def row_numbers(self, device: torch.device) -> Tensor:
+        """int64 ``[R]`` on ``device`` holding 0 … R − 1 (cached)."""
+        return self.cached("rows", device, None,
                            lambda: torch.arange(self.num_rows, dtype=torch.int64,
                                                 device=device))
-        return rows[t]
+
+    def row_index(self, t: int, device: torch.device) -> Tensor:
+        """int64 0-d tensor on ``device`` holding row ``t`` (a view: no kernel, no copy)."""
+        return self.row_numbers(device)[t]
 
     def visited_rows_on(self, device: Union[str, torch.device]) -> Tensor:
         """:attr:`rows` (the row of each step) as int64 on ``device``."""

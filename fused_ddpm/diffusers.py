@@ -77,7 +77,7 @@ from torch import Tensor
 from .coefficients import StepCoefficients, StepConfig, previous_timesteps
 from .methods import build_table
 from .schedule import NoiseSchedule
-from .step import SEED_HIGH, ddpm_step
+from .step import SEED_HIGH, ddpm_step, randn_step
 
 try:  # diffusers is optional
     from diffusers import DDIMScheduler as _DDIMScheduler
@@ -385,6 +385,19 @@ class _FusedStepMixin:
                              dtype=dtype)
         return z, None
 
+    def _noisy_step(self, model_output: Tensor, t, sample: Tensor, coeffs: StepCoefficients,
+                    generator, dtype: Optional[torch.dtype] = None,
+                    history: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
+        """The fused step with noise from :meth:`_draw_noise`; diffusers' noise is drawn
+        inside the fused call when it can be (:func:`fused_ddpm.step.randn_step`)."""
+        if (self._fused_noise == "randn" and model_output.dtype == sample.dtype and
+                (dtype is None or dtype == sample.dtype)):
+            res = randn_step(coeffs, self.backend, sample, model_output, t, generator, history)
+            if res is not None:
+                return res
+        noise, seeds = self._draw_noise(generator, sample, model_output, dtype)
+        return self._fused_step(model_output, t, sample, coeffs, noise, seeds, history)
+
     def _fused_step(self, model_output: Tensor, t, sample: Tensor, coeffs: StepCoefficients,
                     noise, seeds, history: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
         if model_output.dtype != sample.dtype:
@@ -499,11 +512,11 @@ if _DIFFUSERS_ERROR is None:
                                     return_dict=return_dict)
             t, noisy = self._host_timestep(timestep, sample)
             if noisy is False:
-                noise, seeds = self._no_noise()
+                prev_sample, x0 = self._fused_step(model_output, t, sample, plan.coeffs,
+                                                   *self._no_noise())
             else:
-                noise, seeds = self._draw_noise(generator, sample, model_output)
-            prev_sample, x0 = self._fused_step(model_output, t, sample, plan.coeffs, noise,
-                                               seeds)
+                prev_sample, x0 = self._noisy_step(model_output, t, sample, plan.coeffs,
+                                                   generator)
             if not return_dict:
                 return (prev_sample, x0)
             return _output(DDPMSchedulerOutput, prev_sample=prev_sample,
@@ -588,13 +601,15 @@ if _DIFFUSERS_ERROR is None:
                     raise ValueError("Cannot pass both generator and variance_noise. Please make "
                                      "sure that either `generator` or `variance_noise` stays "
                                      "`None`.")
-                if variance_noise is not None:
-                    noise, seeds = variance_noise.to(sample.device), None
+                if variance_noise is None:
+                    prev_sample, x0 = self._noisy_step(model_output, t, sample, coeffs,
+                                                       generator)
                 else:
-                    noise, seeds = self._draw_noise(generator, sample, model_output)
+                    prev_sample, x0 = self._fused_step(model_output, t, sample, coeffs,
+                                                       variance_noise.to(sample.device), None)
             else:
-                noise, seeds = self._no_noise()
-            prev_sample, x0 = self._fused_step(model_output, t, sample, coeffs, noise, seeds)
+                prev_sample, x0 = self._fused_step(model_output, t, sample, coeffs,
+                                                   *self._no_noise())
             if not return_dict:
                 return (prev_sample, x0)
             return _output(DDIMSchedulerOutput, prev_sample=prev_sample,

@@ -40,7 +40,6 @@ import torch
 from torch import Tensor
 
 from .coefficients import step_coefficients
-from .contract import Col
 from .diffusers import (_DIFFUSERS_ERROR, _PRECISION, _finite_rows, _FusedStepMixin,
                         _output, _Plan, _stand_in, _stock_plan, schedule_from_alphas_cumprod)
 
@@ -129,14 +128,20 @@ class _SigmaStepMixin(_FusedStepMixin):
         super().set_timesteps(*args, **kwargs)
         self._fused_reset()
 
-    def _noise_for(self, plan: _Plan, generator, sample: Tensor, model_output: Tensor,
-                   dtype: torch.dtype, variance_noise: Optional[Tensor] = None):
-        """(noise, seeds) of one fused step: none for a table without a noise term."""
-        if not plan.coeffs.adds_noise:
-            return self._no_noise()
+    def _step_with_noise(self, plan: _Plan, model_output: Tensor, i: int, sample: Tensor,
+                         generator, dtype: torch.dtype, variance_noise: Optional[Tensor] = None,
+                         history: Optional[Tensor] = None):
+        """(x_next, x̂0) of step i: no noise for a table without a noise term, else
+        ``variance_noise`` (in ``dtype``) or noise drawn as diffusers draws it in ``dtype``."""
+        coeffs = plan.coeffs
+        if not coeffs.adds_noise:
+            return self._fused_step(model_output, i, sample, coeffs, *self._no_noise(),
+                                    history=history)
         if variance_noise is not None:
-            return variance_noise.to(device=sample.device, dtype=dtype), None
-        return self._draw_noise(generator, sample, model_output, dtype=dtype)
+            return self._fused_step(model_output, i, sample, coeffs,
+                                    variance_noise.to(device=sample.device, dtype=dtype), None,
+                                    history=history)
+        return self._noisy_step(model_output, i, sample, coeffs, generator, dtype, history)
 
 
 if _DIFFUSERS_ERROR is None:
@@ -208,15 +213,13 @@ if _DIFFUSERS_ERROR is None:
             if self.step_index is None:
                 self._init_step_index(timestep)
             i = self.step_index
-            second = bool(plan.coeffs.table64[i, Col.H] != 0)
+            second = plan.coeffs.reads_history[i]
             if second != self._second_order_now():
                 return super().step(model_output, timestep, sample, generator=generator,
                                     variance_noise=variance_noise, return_dict=return_dict)
-            noise, seeds = self._noise_for(plan, generator, sample, model_output,
-                                           torch.float32, variance_noise)
             history = self.model_outputs[-1] if second else None
-            prev_sample, x0 = self._fused_step(model_output, i, sample, plan.coeffs, noise,
-                                               seeds, history=history)
+            prev_sample, x0 = self._step_with_noise(plan, model_output, i, sample, generator,
+                                                    torch.float32, variance_noise, history)
             order = self.config.solver_order
             for k in range(order - 1):
                 self.model_outputs[k] = self.model_outputs[k + 1]
@@ -271,10 +274,8 @@ if _DIFFUSERS_ERROR is None:
                     "correct denoising. See `StableDiffusionPipeline` for a usage example.")
             if self.step_index is None:
                 self._init_step_index(timestep)
-            noise, seeds = self._noise_for(plan, generator, sample, model_output,
-                                           model_output.dtype)
-            prev_sample, x0 = self._fused_step(model_output, self.step_index, sample,
-                                               plan.coeffs, noise, seeds)
+            prev_sample, x0 = self._step_with_noise(plan, model_output, self.step_index,
+                                                    sample, generator, model_output.dtype)
             self._step_index += 1
             if not return_dict:
                 return (prev_sample, x0)

@@ -8,7 +8,10 @@ its record (:mod:`fused_ddpm.backends`).
 
 * ``fused_ddpm::step`` → (y, x0); differentiable in every stream. Its backward is itself
   a registered op, ``fused_ddpm::step_backward`` (one backward implementation: the
-  :class:`~fused_ddpm.step.DDPMStepFunction` uses it too).
+  :class:`~fused_ddpm.step.DDPMStepFunction` uses it too). In eager mode, on plain tensors,
+  :func:`step_differentiable` runs the same body, context and backward as a plain autograd
+  Function, and the backward calls the body of ``step_backward`` directly: torch.library's
+  per-call wrappers cost tens of µs.
 * ``fused_ddpm::step_out`` writes y (and x0) into given tensors (no autograd).
 * ``fused_ddpm::philox_normal`` writes in-kernel normals (x_T of the sampling loop).
 
@@ -29,8 +32,8 @@ from . import _extension, backends
 from .contract import Flag, In, Layout
 from .layout import empty_in_layout, is_sample_dense, layout_of, to_layout
 
-__all__ = ["pack", "unpack", "step", "step_out", "step_backward", "philox_normal",
-           "launch_forward", "launch_backward"]
+__all__ = ["pack", "unpack", "step", "step_differentiable", "step_out", "step_backward",
+           "philox_normal", "launch_forward", "launch_backward"]
 
 
 # ----------------------------------------------------------------------------- streams
@@ -112,14 +115,17 @@ def forward_into(ins, t, seeds, table, thresh, gscale, flags, scalars, backend: 
             want.copy_(got)
 
 
-@torch.library.custom_op("fused_ddpm::step", mutates_args=())
-def step(streams: List[Tensor], present: int, t: Tensor, seeds: Optional[Tensor],
-         table: Tensor, thresh: Optional[Tensor], gscale: Optional[Tensor], flags: List[int],
-         scalars: List[float], return_x0: bool, backend: str) -> Tuple[Tensor, Tensor]:
+def step_impl(streams: List[Tensor], present: int, t: Tensor, seeds: Optional[Tensor],
+              table: Tensor, thresh: Optional[Tensor], gscale: Optional[Tensor],
+              flags: List[int], scalars: List[float], return_x0: bool, backend: str
+              ) -> Tuple[Tensor, Tensor]:
     """Functional fused step: (y, x0); x0 is an empty ``[0]`` tensor unless return_x0."""
     y, x0 = forward(unpack(streams, present), t, seeds, table, thresh, gscale, flags, scalars,
                     return_x0, backend)
     return y, (x0 if x0 is not None else y.new_empty(0))
+
+
+step = torch.library.custom_op("fused_ddpm::step", mutates_args=())(step_impl)
 
 
 @step.register_fake
@@ -145,11 +151,10 @@ def _(streams, present, t, seeds, table, thresh, gscale, flags, scalars, backend
 
 
 # ----------------------------------------------------------------------------- backward
-@torch.library.custom_op("fused_ddpm::step_backward", mutates_args=())
-def step_backward(streams: List[Tensor], present: int, wanted: int, grad_y: Tensor,
-                  grad_x0: Optional[Tensor], t: Tensor, seeds: Optional[Tensor],
-                  table: Tensor, thresh: Optional[Tensor], gscale: Optional[Tensor],
-                  flags: List[int], scalars: List[float], backend: str) -> List[Tensor]:
+def _step_backward(streams: List[Tensor], present: int, wanted: int, grad_y: Tensor,
+                   grad_x0: Optional[Tensor], t: Tensor, seeds: Optional[Tensor],
+                   table: Tensor, thresh: Optional[Tensor], gscale: Optional[Tensor],
+                   flags: List[int], scalars: List[float], backend: str) -> List[Tensor]:
     """Gradients of the present streams (in ``streams`` order); a stream whose bit in
     ``wanted`` is clear gets an empty ``[0]`` tensor."""
     ins = unpack(streams, present)
@@ -161,6 +166,18 @@ def step_backward(streams: List[Tensor], present: int, wanted: int, grad_y: Tens
                     seeds, table, thresh, gscale, grads, flags, scalars)
     return [g if g is not None else x.new_empty(0) for g, a in zip(grads, ins)
             if a is not None]
+
+
+step_backward = torch.library.custom_op("fused_ddpm::step_backward",
+                                        mutates_args=())(_step_backward)
+
+
+def _eager(tensors: Sequence[Optional[Tensor]]) -> bool:
+    """Whether these are plain tensors with no compiler, tracer or dispatch mode watching:
+    then an op's body may run as a Python call, without the dispatcher and torch.library's
+    wrappers around it (tens of µs, as much as the kernel at SD-latent sizes)."""
+    return (not torch.compiler.is_compiling() and torch._C._len_torch_dispatch_stack() == 0
+            and all(a is None or type(a) is Tensor for a in tensors))
 
 
 @step_backward.register_fake
@@ -191,14 +208,53 @@ def _backward(ctx, grad_y, grad_x0):
     if grad_y is None:
         grad_y = torch.zeros_like(streams[0])
     gx0 = grad_x0 if (return_x0 and grad_x0 is not None and grad_x0.numel()) else None
-    grads = step_backward(streams, present, ctx.wanted, grad_y, gx0, t, seeds, table, thresh,
-                          gscale, flags, scalars, backend)
+    run = _step_backward if _eager([grad_y, gx0, t, seeds, *streams]) else step_backward
+    grads = run(streams, present, ctx.wanted, grad_y, gx0, t, seeds, table, thresh, gscale,
+                flags, scalars, backend)
     present_streams = [s for s in In if present >> int(s) & 1]
     out = [g if ctx.wanted >> int(s) & 1 else None for s, g in zip(present_streams, grads)]
     return out, None, None, None, None, None, None, None, None, None, None
 
 
 step.register_autograd(_backward, setup_context=_setup_context)
+
+_NUM_STEP_ARGS = 10     # the arguments of fused_ddpm::step after the streams list
+
+
+class _EagerStep(torch.autograd.Function):
+    """``fused_ddpm::step`` with its autograd rule in eager mode: the op's body, context and
+    backward (:func:`_setup_context`, :func:`_backward`) as a plain autograd Function,
+    without torch.library's per-call autograd wrapper (its pytree work costs as much as the
+    kernel at SD-latent sizes). Arguments: the streams, then the op's other arguments."""
+
+    @staticmethod
+    def forward(*args):
+        streams, rest = args[:-_NUM_STEP_ARGS], args[-_NUM_STEP_ARGS:]
+        return step_impl(list(streams), *rest)
+
+    @staticmethod
+    def setup_context(ctx, inputs, output):
+        # needs_input_grad starts with one entry per stream, as _setup_context expects
+        _setup_context(ctx, (list(inputs[:-_NUM_STEP_ARGS]), *inputs[-_NUM_STEP_ARGS:]),
+                       output)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_y, grad_x0):
+        grads = _backward(ctx, grad_y, grad_x0)[0]
+        return (*grads, *[None] * _NUM_STEP_ARGS)
+
+
+def step_differentiable(streams: List[Tensor], present: int, t: Tensor,
+                        seeds: Optional[Tensor], table: Tensor, thresh: Optional[Tensor],
+                        gscale: Optional[Tensor], flags: List[int], scalars: List[float],
+                        return_x0: bool, backend: str) -> Tuple[Tensor, Tensor]:
+    """``fused_ddpm::step`` (what torch.compile, tracers and dispatch modes see), or, for
+    plain tensors in eager mode, the same step through :class:`_EagerStep`."""
+    args = (present, t, seeds, table, thresh, gscale, flags, scalars, return_x0, backend)
+    if _eager([t, seeds, table, thresh, gscale, *streams]):
+        return _EagerStep.apply(*streams, *args)
+    return step(streams, *args)
 
 
 # ----------------------------------------------------------------------------- noise

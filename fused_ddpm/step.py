@@ -7,6 +7,12 @@ the same kind go straight to the launch. Only what a value can get wrong is chec
 call (an int timestep's range, an int seed's size, a CPU timestep tensor's range, ``out``
 overlapping an input).
 
+The commonest kind — an int t, no ``out=``, no guidance or dynamic thresholding, dense
+inputs, nothing that needs a gradient, on the C++ backends — is also handed to a C++
+``PlainStep`` (``csrc/direct_launch.cpp``) kept on the coefficients per backend: it
+compares the next call's arguments with the validated ones, checks t's range and
+launches, a few µs in all; a call of any other kind falls through to the path below.
+
 Lists here are indexed with ``int(Flag.X)`` rather than ``Flag.X``: torch.compile (2.13)
 traces this module and fails on a list indexed by an IntEnum.
 """
@@ -19,7 +25,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union
 import torch
 from torch import Tensor
 
-from . import ops
+from . import _extension, ops
 from .backends import get as get_backend
 from .backends import resolve
 from .coefficients import StepCoefficients
@@ -31,11 +37,20 @@ from .thresholding import step_threshold
 from .validation import (check_guidance, check_out, check_step_inputs, guided_halves,
                          normalize_seeds, normalize_t, out_overlaps)
 
-__all__ = ["ddpm_step", "DDPMStepFunction", "draw_seeds", "Prepared", "SEED_HIGH"]
+__all__ = ["ddpm_step", "DDPMStepFunction", "draw_seeds", "Prepared", "randn_step", "SEED_HIGH"]
 
 SEED_HIGH = 2 ** 63 - 1
 _X, _M, _MC, _Z, _H = int(In.X), int(In.M), int(In.MC), int(In.Z), int(In.H)
-_ENV = os.environ
+# FUSED_DDPM_BACKEND as set now, read from os.environ's own dict: os.environ.get costs
+# ~0.8 µs, as much as the rest of a PlainStep call's Python.
+_ENV_DATA = getattr(os.environ, "_data", None)
+_ENV_KEY = os.environ.encodekey("FUSED_DDPM_BACKEND") if _ENV_DATA is not None else None
+
+
+def _env_backend():
+    if _ENV_DATA is None:
+        return os.environ.get("FUSED_DDPM_BACKEND")
+    return _ENV_DATA.get(_ENV_KEY)
 #: prepared launches kept per StepCoefficients (oldest dropped first)
 MAX_PREPARED = 64
 
@@ -146,6 +161,13 @@ class Prepared:
                                                   x.dim() == 4 else torch.channels_last_3d)
         self.empty = torch.empty_like if dense else (lambda a: empty_in_layout(a, self.layout))
         self.forward = None           # the unchecked launcher, once a launch was checked
+        self.backend_arg = backend
+        self.plain_step = None        # the C++ PlainStep of this kind of call (made once)
+        self.fast = (self.plain and dense and out is None and not self.dynamic and
+                     self.record.torch_ops and type(t) is int and x.numel() > 0 and
+                     all(a is None or type(a) is Tensor
+                         for a in (x, model_output, noise, history)) and
+                     (self.noise_mode != Noise.PHILOX or self.seeds_ready))
 
     def _streams_raw(self, x: Tensor, model_output: Optional[ModelOutput],
                      noise: Optional[Tensor], history: Optional[Tensor]
@@ -295,13 +317,51 @@ class Prepared:
             return (out, x0) if return_x0 else out
         if compiling or (torch.is_grad_enabled() and any(
                 a is not None and a.requires_grad for a in inputs)):
-            y, x0 = ops.step(*ops.pack(ins), tt, sd, self.table, thresh, gscale, self.flags,
-                             scalars, return_x0, self.backend)
+            y, x0 = ops.step_differentiable(*ops.pack(ins), tt, sd, self.table, thresh, gscale,
+                                            self.flags, scalars, return_x0, self.backend)
         else:
             y = self.empty(x)
             x0 = self.empty(x) if return_x0 else None
             self.launch(ins, tt, sd, thresh, [y, x0], gscale, scalars)
+            if self.fast:
+                self._hand_over(x, model_output, noise, seeds, history)
         return (y, x0) if return_x0 else y
+
+    def _hand_over(self, x, model_output, noise, seeds, history) -> None:
+        """Make this kind of call the one the C++ ``PlainStep`` of its backend takes."""
+        if self.plain_step is None:
+            direct = _extension.direct()
+            if direct is None or (self.device.type == "cuda" and
+                                  torch.cuda.is_current_stream_capturing()):
+                return
+            h_free = [] if self.h_free is None else [not r for r in self.coeffs.reads_history]
+            self.plain_step = direct.PlainStep(
+                self.table, self.coeffs.row_numbers(self.device), self.flags, self.scalars,
+                h_free, x, model_output, noise, seeds, history, self.external,
+                self.noise_mode == Noise.PHILOX, self.has_history)
+        self.coeffs._fast[_fast_key(self.backend_arg)] = self.plain_step
+
+
+def randn_step(coeffs: StepCoefficients, backend: str, x_t: Tensor, model_output: Tensor,
+               t: int, generator: Optional[torch.Generator],
+               history: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
+    """``ddpm_step(x_t, model_output, t, coeffs, noise=z, return_x0=True, backend=backend,
+    history=history)`` with ``z = torch.randn(x_t.shape, generator=generator,
+    dtype=x_t.dtype, device=x_t.device)`` drawn in the same C++ call, when the last call of
+    this kind (external noise, contiguous z in x_t's dtype) left a ``PlainStep``; else None,
+    with nothing drawn (the caller draws z and calls :func:`ddpm_step`)."""
+    if torch.compiler.is_compiling() or type(coeffs) is not StepCoefficients:
+        return None
+    fast = coeffs._fast.get(_fast_key(backend))
+    if fast is None:
+        return None
+    return fast.randn(x_t, model_output, t, generator, None, history, True)
+
+
+def _fast_key(backend: str):
+    """Which ``PlainStep`` a call with ``backend`` may use (``"auto"`` with the environment's
+    override, which changes what "auto" picks)."""
+    return backend if backend != "auto" else ("auto", _env_backend())
 
 
 def prepared(coeffs: StepCoefficients, x: Tensor, model_output: Optional[ModelOutput], t,
@@ -333,7 +393,7 @@ def prepared(coeffs: StepCoefficients, x: Tensor, model_output: Optional[ModelOu
            None if noise is None else (noise.shape, noise.stride(), noise.dtype, noise.device),
            int if type(t) is int else _value_sig(t),
            _value_sig(seeds), None if out is None else _sig(out), backend,
-           _ENV.get("FUSED_DDPM_BACKEND") if backend == "auto" else None, x_name,
+           _env_backend() if backend == "auto" else None, x_name,
            guide, _sig(history) if isinstance(history, Tensor) else type(history),
            guidance_rescale if guidance_scale is None else None)
     plans = coeffs._plans
@@ -405,6 +465,14 @@ def ddpm_step(x_t: Tensor,
         backend asked for cannot run this call here).
     """
     compiling = torch.compiler.is_compiling()
+    if (not compiling and out is None and guidance_scale is None and generator is None and
+            type(coeffs) is StepCoefficients and type(guidance_rescale) is float and
+            guidance_rescale == 0.0):
+        fast = coeffs._fast.get(_fast_key(backend))
+        if fast is not None:
+            res = fast(x_t, model_output, t, noise, seeds, history, return_x0)
+            if res is not None:
+                return res
     plan = prepared(coeffs, x_t, model_output, t, noise, seeds, out, backend,
                     compiling=compiling, history=history, guidance_scale=guidance_scale,
                     guidance_rescale=guidance_rescale)
