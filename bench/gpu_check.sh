@@ -62,7 +62,7 @@ FAILED=0
 CONTRACT_TESTS=(tests/test_kernels.py tests/test_gpu.py tests/test_fused_step.py
                 tests/test_edge_cases.py tests/test_validation.py tests/test_sampler.py
                 tests/test_samplers.py tests/test_triton_tiles.py tests/test_properties.py
-                tests/test_diffusers_schedulers.py)
+                tests/test_diffusers_schedulers.py tests/test_plain_step.py)
 
 limit_of() {  # limit_of STEP -> its limit in seconds (record: all the time that is left)
   local entry

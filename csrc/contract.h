@@ -99,6 +99,7 @@ constexpr int NUM_IN = 6;
 constexpr int NUM_OUT = 2;
 constexpr int NUM_FLAGS = 6;
 constexpr int NUM_SCALARS = 2;
+constexpr long long SEED_HIGH = 9223372036854775807LL;
 
 // TERMS flag bits: 1 << column, for these columns.
 constexpr int TERM_COLS_MASK = (1 << 0) | (1 << 1) | (1 << 2) | (1 << 3) | (1 << 4) | (1 << 5) | (1 << 6) | (1 << 7);

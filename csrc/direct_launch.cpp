@@ -15,8 +15,8 @@
 //       no guidance, no dynamic thresholding, dense inputs). Calling it with arguments of
 //       that kind checks a few values, allocates the outputs and launches; for any other
 //       call it returns None and the Python step takes its own path (which validates,
-//       raises, or runs the call). PlainStep.randn also draws the step's external noise as
-//       torch.randn does (the diffusers drop-ins' noise).
+//       raises, or runs the call). PlainStep.randn and PlainStep.seeded also draw the step's
+//       noise (z, or the Philox seeds) from a generator, as the diffusers drop-ins do.
 #include <torch/csrc/Generator.h>
 #include <torch/csrc/autograd/python_variable.h>
 #include <torch/extension.h>
@@ -168,6 +168,9 @@ class PlainStep {
     randn_ok_ = uses_noise_ && noise_.sizes == x_.sizes && noise_.dtype == x_.dtype &&
                 noise_.device == x_.device &&
                 c10::IntArrayRef(noise_.strides).equals(c10::contiguous_strides(noise_.sizes));
+    seeded_ok_ = uses_seeds_ && seeds_.sizes == std::vector<int64_t>{x_.sizes[0]} &&
+                 seeds_.strides == std::vector<int64_t>{1} && seeds_.dtype == at::kLong &&
+                 seeds_.device == x_.device;
   }
 
   // y, or (y, x0) when return_x0 is True; None when this is not the prepared kind of call.
@@ -183,28 +186,21 @@ class PlainStep {
     return launch(*xt, *mt, zt, st, ht, row, return_x0.ptr() == Py_True);
   }
 
-  // The same step with its noise z = torch.randn(x.shape, generator=generator,
-  // dtype=x.dtype, device=x.device) drawn here (diffusers' noise, the same bits): for a
-  // PlainStep prepared with such a z (contiguous, x's dtype). None, with nothing drawn,
-  // when this is not that kind of call or the generator is not a torch.Generator on x's
-  // device type (None: the device's default generator).
+  // The same step with its noise drawn here from `generator` (None: the default generator
+  // of x's device), as the diffusers drop-ins draw it, with the same bits:
+  //   randn:  z = torch.randn(x.shape, generator=generator, dtype=x.dtype, device=x.device),
+  //           for a PlainStep prepared with such a z (external noise, contiguous, x's dtype);
+  //   seeded: seeds = torch.randint(0, SEED_HIGH, [B], dtype=int64, generator=generator,
+  //           device=generator's device).to(x.device), for one prepared with such seeds.
+  // None, with nothing drawn, when this is not that kind of call or the generator is not a
+  // torch.Generator (on x's device type, for randn).
   py::object randn(py::handle x, py::handle m, py::handle t, py::handle generator,
-                   py::handle seeds, py::handle history, py::handle return_x0) {
-    OptTensor xt, mt, st, ht;
-    if (!randn_ok_ || !x_.matches(x, &xt) || !m_.matches(m, &mt) ||
-        !seeds_.matches(seeds, &st) || !history_.matches(history, &ht)) {
-      return py::none();
-    }
-    const int64_t row = row_of(t);
-    if (row < 0 || !is_bool(return_x0) || differentiable({xt, mt, ht})) return py::none();
-    std::optional<at::Generator> gen;
-    if (!generator.is_none()) {
-      if (!THPGenerator_Check(generator.ptr())) return py::none();
-      gen = reinterpret_cast<THPGenerator*>(generator.ptr())->cdata;
-      if (gen->device().type() != xt->device().type()) return py::none();
-    }
-    const OptTensor z = at::randn(xt->sizes(), gen, xt->options());
-    return launch(*xt, *mt, z, st, ht, row, return_x0.ptr() == Py_True);
+                   py::handle history, py::handle return_x0) {
+    return draw_and_launch(x, m, t, generator, history, return_x0, /*seeded=*/false);
+  }
+  py::object seeded(py::handle x, py::handle m, py::handle t, py::handle generator,
+                    py::handle history, py::handle return_x0) {
+    return draw_and_launch(x, m, t, generator, history, return_x0, /*seeded=*/true);
   }
 
  private:
@@ -216,6 +212,35 @@ class PlainStep {
       if (a.has_value() && a->requires_grad()) return true;
     }
     return false;
+  }
+
+  py::object draw_and_launch(py::handle x, py::handle m, py::handle t, py::handle generator,
+                             py::handle history, py::handle return_x0, bool seeded) {
+    OptTensor xt, mt, ht;
+    const bool kind_ok = seeded ? seeded_ok_ && noise_.matches(py::none())
+                                : randn_ok_ && seeds_.matches(py::none());
+    if (!kind_ok || !x_.matches(x, &xt) || !m_.matches(m, &mt) ||
+        !history_.matches(history, &ht)) {
+      return py::none();
+    }
+    const int64_t row = row_of(t);
+    if (row < 0 || !is_bool(return_x0) || differentiable({xt, mt, ht})) return py::none();
+    std::optional<at::Generator> gen;
+    if (!generator.is_none()) {
+      if (!THPGenerator_Check(generator.ptr())) return py::none();
+      gen = reinterpret_cast<THPGenerator*>(generator.ptr())->cdata;
+      if (!seeded && gen->device().type() != xt->device().type()) return py::none();
+    }
+    const bool want_x0 = return_x0.ptr() == Py_True;
+    if (!seeded) {
+      return launch(*xt, *mt, at::randn(xt->sizes(), gen, xt->options()), std::nullopt, ht,
+                    row, want_x0);
+    }
+    const at::Device where = gen.has_value() ? gen->device() : xt->device();
+    const at::Tensor seeds =
+        at::randint(0, SEED_HIGH, {x_.sizes[0]}, gen, at::TensorOptions(at::kLong).device(where))
+            .to(xt->device());
+    return launch(*xt, *mt, std::nullopt, seeds, ht, row, want_x0);
   }
 
   // t's row when t is a Python int the prepared call may take, else -1 (the Python step
@@ -262,7 +287,8 @@ class PlainStep {
   std::vector<bool> h_free_;
   Kind x_, m_, noise_, seeds_, history_;
   bool uses_noise_, uses_seeds_, uses_history_;
-  bool randn_ok_ = false;  // the noise read is a contiguous tensor shaped, typed, placed as x
+  bool randn_ok_ = false;   // the noise read is a contiguous tensor shaped, typed, placed as x
+  bool seeded_ok_ = false;  // the seeds read are a contiguous int64 [B] on x's device
 };
 
 }  // namespace
@@ -288,8 +314,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
                            }))
       .def("randn", torch::wrap_pybind_function(
                         [](PlainStep& s, py::handle x, py::handle m, py::handle t,
-                           py::handle generator, py::handle seeds, py::handle history,
-                           py::handle return_x0) {
-                          return s.randn(x, m, t, generator, seeds, history, return_x0);
-                        }));
+                           py::handle generator, py::handle history, py::handle return_x0) {
+                          return s.randn(x, m, t, generator, history, return_x0);
+                        }))
+      .def("seeded", torch::wrap_pybind_function(
+                         [](PlainStep& s, py::handle x, py::handle m, py::handle t,
+                            py::handle generator, py::handle history, py::handle return_x0) {
+                           return s.seeded(x, m, t, generator, history, return_x0);
+                         }));
 }

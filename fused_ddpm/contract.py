@@ -139,6 +139,10 @@ class Scalar(enum.IntEnum):
 NUM_SCALARS = len(Scalar)
 
 
+#: per-sample Philox seeds drawn from a torch generator are uniform on [0, SEED_HIGH)
+SEED_HIGH = 2 ** 63 - 1
+
+
 def terms_mask(nonzero_cols: Iterable[int]) -> int:
     """The TERMS flag for a table whose nonzero columns are ``nonzero_cols``."""
     mask = 0
@@ -181,6 +185,7 @@ def render_header() -> str:
         lines.append("")
     for name, value in _COUNTS.items():
         lines.append(f"constexpr int {name} = {value};")
+    lines.append(f"constexpr long long SEED_HIGH = {SEED_HIGH}LL;")
     lines.append("")
     lines.append("// TERMS flag bits: 1 << column, for these columns.")
     bits = " | ".join(f"(1 << {int(c)})" for c in TERM_COLS)

@@ -77,7 +77,7 @@ from torch import Tensor
 from .coefficients import StepCoefficients, StepConfig, previous_timesteps
 from .methods import build_table
 from .schedule import NoiseSchedule
-from .step import SEED_HIGH, ddpm_step, randn_step
+from .step import SEED_HIGH, ddpm_step, drawing_step
 
 try:  # diffusers is optional
     from diffusers import DDIMScheduler as _DDIMScheduler
@@ -388,11 +388,13 @@ class _FusedStepMixin:
     def _noisy_step(self, model_output: Tensor, t, sample: Tensor, coeffs: StepCoefficients,
                     generator, dtype: Optional[torch.dtype] = None,
                     history: Optional[Tensor] = None) -> Tuple[Tensor, Tensor]:
-        """The fused step with noise from :meth:`_draw_noise`; diffusers' noise is drawn
-        inside the fused call when it can be (:func:`fused_ddpm.step.randn_step`)."""
-        if (self._fused_noise == "randn" and model_output.dtype == sample.dtype and
-                (dtype is None or dtype == sample.dtype)):
-            res = randn_step(coeffs, self.backend, sample, model_output, t, generator, history)
+        """The fused step with noise from :meth:`_draw_noise` (z in ``dtype``, default the
+        model output's), drawn inside the fused call when it can be
+        (:func:`fused_ddpm.step.drawing_step`)."""
+        if self._fused_noise == "philox" or (model_output.dtype == sample.dtype and
+                                            (dtype is None or dtype == sample.dtype)):
+            res = drawing_step(self._fused_noise, coeffs, self.backend, sample, model_output, t,
+                               generator, history)
             if res is not None:
                 return res
         noise, seeds = self._draw_noise(generator, sample, model_output, dtype)

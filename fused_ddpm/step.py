@@ -29,17 +29,17 @@ from . import _extension, ops
 from .backends import get as get_backend
 from .backends import resolve
 from .coefficients import StepCoefficients
-from .contract import (NUM_FLAGS, NUM_IN, NUM_SCALARS, Clip, Col, Flag, In, Layout, Noise, Scalar,
-                       Var)
+from .contract import (NUM_FLAGS, NUM_IN, NUM_SCALARS, SEED_HIGH, Clip, Col, Flag, In, Layout,
+                       Noise, Scalar, Var)
 from .guidance import rescale_factors
 from .layout import empty_in_layout, is_sample_dense, layout_of, to_layout
 from .thresholding import step_threshold
 from .validation import (check_guidance, check_out, check_step_inputs, guided_halves,
                          normalize_seeds, normalize_t, out_overlaps)
 
-__all__ = ["ddpm_step", "DDPMStepFunction", "draw_seeds", "Prepared", "randn_step", "SEED_HIGH"]
+__all__ = ["ddpm_step", "DDPMStepFunction", "draw_seeds", "Prepared", "drawing_step",
+           "SEED_HIGH"]
 
-SEED_HIGH = 2 ** 63 - 1
 _X, _M, _MC, _Z, _H = int(In.X), int(In.M), int(In.MC), int(In.Z), int(In.H)
 # FUSED_DDPM_BACKEND as set now, read from os.environ's own dict: os.environ.get costs
 # ~0.8 µs, as much as the rest of a PlainStep call's Python.
@@ -342,20 +342,29 @@ class Prepared:
         self.coeffs._fast[_fast_key(self.backend_arg)] = self.plain_step
 
 
-def randn_step(coeffs: StepCoefficients, backend: str, x_t: Tensor, model_output: Tensor,
-               t: int, generator: Optional[torch.Generator],
-               history: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
-    """``ddpm_step(x_t, model_output, t, coeffs, noise=z, return_x0=True, backend=backend,
-    history=history)`` with ``z = torch.randn(x_t.shape, generator=generator,
-    dtype=x_t.dtype, device=x_t.device)`` drawn in the same C++ call, when the last call of
-    this kind (external noise, contiguous z in x_t's dtype) left a ``PlainStep``; else None,
-    with nothing drawn (the caller draws z and calls :func:`ddpm_step`)."""
+def drawing_step(noise: str, coeffs: StepCoefficients, backend: str, x_t: Tensor,
+                 model_output: Tensor, t: int, generator: Optional[torch.Generator],
+                 history: Optional[Tensor] = None) -> Optional[Tuple[Tensor, Tensor]]:
+    """``ddpm_step(..., return_x0=True)`` with its noise drawn from ``generator`` (None:
+    torch's default generator of x_t's device) in the same C++ call, as the diffusers
+    drop-ins draw it, when the last call of this kind left a ``PlainStep``; else None, with
+    nothing drawn (the caller draws and calls :func:`ddpm_step`).
+
+    ``noise``: ``"randn"``: ``noise=torch.randn(x_t.shape, generator=generator,
+    dtype=x_t.dtype, device=x_t.device)``; ``"philox"``: ``seeds=`` :func:`draw_seeds`
+    ``(B, x_t.device, generator)``."""
+    if noise == "randn":
+        method = "randn"
+    elif noise == "philox":
+        method = "seeded"
+    else:
+        raise ValueError(f"noise={noise!r} is not one of ['randn', 'philox']")
     if torch.compiler.is_compiling() or type(coeffs) is not StepCoefficients:
         return None
     fast = coeffs._fast.get(_fast_key(backend))
     if fast is None:
         return None
-    return fast.randn(x_t, model_output, t, generator, None, history, True)
+    return getattr(fast, method)(x_t, model_output, t, generator, history, True)
 
 
 def _fast_key(backend: str):

@@ -146,14 +146,14 @@ def test_partial_path_runs_stock_only_where_needed(monkeypatch):
                         real_stock(self, m, t, *a, **k))
     monkeypatch.setattr(fdd, "ddpm_step", lambda x, m, t, *a, **k: fused_calls.append(t) or
                         real_fused(x, m, t, *a, **k))
-    real_randn = fdd.randn_step
+    real_drawing = fdd.drawing_step
 
-    def randn_step(coeffs, backend, x, m, t, *a):     # the fused step drawing its own noise
-        res = real_randn(coeffs, backend, x, m, t, *a)
+    def drawing_step(noise, coeffs, backend, x, m, t, *a):   # the fused step drawing its noise
+        res = real_drawing(noise, coeffs, backend, x, m, t, *a)
         if res is not None:
             fused_calls.append(t)
         return res
-    monkeypatch.setattr(fdd, "randn_step", randn_step)
+    monkeypatch.setattr(fdd, "drawing_step", drawing_step)
     x = torch.randn(1, 2, 3, 3)
     for t in fused.timesteps:
         fused.step(torch.randn_like(x), t, x)

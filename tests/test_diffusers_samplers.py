@@ -47,7 +47,7 @@ def reference_step(x_t, model_output, t, coeffs, noise=None, seeds=None, return_
 def backend(request, monkeypatch):
     if request.param == "reference":
         monkeypatch.setattr(fdd, "ddpm_step", reference_step)
-        monkeypatch.setattr(fdd, "randn_step", lambda *args: None)   # always via ddpm_step
+        monkeypatch.setattr(fdd, "drawing_step", lambda *args: None)  # always ddpm_step
     return request.param
 
 
@@ -57,19 +57,19 @@ def fused_calls(monkeypatch):
     calls = []
     inner = fdd.ddpm_step          # (after the backend fixture: maybe the reference)
 
-    inner_randn = fdd.randn_step
+    inner_drawing = fdd.drawing_step
 
     def counting(x, m, t, *args, **kwargs):
         calls.append(int(t))
         return inner(x, m, t, *args, **kwargs)
 
-    def counting_randn(coeffs, backend, x, m, t, *args):    # a step drawing its own noise
-        res = inner_randn(coeffs, backend, x, m, t, *args)
+    def counting_drawing(noise, coeffs, backend, x, m, t, *args):   # drawing its own noise
+        res = inner_drawing(noise, coeffs, backend, x, m, t, *args)
         if res is not None:
             calls.append(int(t))
         return res
     monkeypatch.setattr(fdd, "ddpm_step", counting)
-    monkeypatch.setattr(fdd, "randn_step", counting_randn)
+    monkeypatch.setattr(fdd, "drawing_step", counting_drawing)
     return calls
 
 

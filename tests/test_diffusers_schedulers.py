@@ -50,7 +50,7 @@ def reference_step(x_t, model_output, t, coeffs, noise=None, seeds=None, return_
 def backend(request, monkeypatch):
     if request.param == "reference":
         monkeypatch.setattr(fdd, "ddpm_step", reference_step)
-        monkeypatch.setattr(fdd, "randn_step", lambda *args: None)   # always via ddpm_step
+        monkeypatch.setattr(fdd, "drawing_step", lambda *args: None)  # always ddpm_step
     return request.param
 
 

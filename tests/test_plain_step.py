@@ -1,5 +1,5 @@
 """The C++ fast path of fd.ddpm_step (``PlainStep``, csrc/direct_launch.cpp) and the drop-ins'
-noise drawn inside it (``fused_ddpm.step.randn_step``).
+noise drawn inside it (``fused_ddpm.step.drawing_step``).
 
 A call of the prepared kind must give the bits the validated Python path gives; a call of
 any other kind must fall through to that path (and its errors); backends without the C++
@@ -180,42 +180,56 @@ def test_environment_override_is_read_per_call(monkeypatch):
     assert torch.allclose(y_auto, y_torch, rtol=1e-5, atol=1e-6)
 
 
+def _draw(noise, x, generator):
+    """What the drop-ins draw for a step, in Python: (noise, seeds) keywords of ddpm_step."""
+    if noise == "randn":
+        return dict(noise=torch.randn(x.shape, generator=generator, dtype=x.dtype,
+                                      device=x.device))
+    return dict(seeds=fd.step.draw_seeds(x.shape[0], x.device, generator))
+
+
+def _gen(device, seed):
+    return torch.Generator(device=device).manual_seed(seed)
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=str)
-def test_randn_step_draws_torch_randn(backend, dtype):
-    """randn_step gives the bits of ddpm_step with z = torch.randn(shape, generator) and
-    leaves the generator where that draw leaves it; None (nothing drawn) when no
-    PlainStep of the kind is there or the generator is not one torch.Generator."""
+@pytest.mark.parametrize("noise", ["randn", "philox"])
+def test_drawing_step_draws_as_the_drop_ins(backend, dtype, noise):
+    """drawing_step gives the bits of ddpm_step with the noise (or seeds) drawn in Python from
+    the same generator state, and leaves the generator where that draw leaves it; None
+    (nothing drawn) when no PlainStep of the kind is there or the generator is not one
+    torch.Generator."""
     if dtype not in backend.dtypes:
         pytest.skip(f"{backend.name} does not take {dtype}")
     c = coefficients(CONFIGS["ddpm"])
     dev = backend.device
     x, m, _ = (a.to(dev) for a in random_inputs(c, (2, 4, 6, 5), dtype))
-    g = torch.Generator(device=dev).manual_seed(3)
-    assert fd.step.randn_step(c, backend.name, x, m, 500, g) is None
-    assert torch.equal(g.get_state(), torch.Generator(device=dev).manual_seed(3).get_state())
-    z0 = torch.randn(x.shape, generator=g, dtype=dtype, device=dev)
-    fd.ddpm_step(x, m, 500, c, noise=z0, return_x0=True, backend=backend.name)
-    for row, gen_seed in ((500, 4), (10, 5)):
-        g1 = torch.Generator(device=dev).manual_seed(gen_seed)
-        g2 = torch.Generator(device=dev).manual_seed(gen_seed)
-        got = fd.step.randn_step(c, backend.name, x, m, row, g1)
-        if not _has_fast(backend):
-            assert got is None
+    g = _gen(dev, 3)
+    assert fd.step.drawing_step(noise, c, backend.name, x, m, 500, g) is None
+    assert torch.equal(g.get_state(), _gen(dev, 3).get_state())
+    fd.ddpm_step(x, m, 500, c, return_x0=True, backend=backend.name, **_draw(noise, x, g))
+    for row, seed in ((500, 4), (10, 5)):
+        g1, g2 = _gen(dev, seed), _gen(dev, seed)
+        got = fd.step.drawing_step(noise, c, backend.name, x, m, row, g1)
+        assert (got is None) == (not _has_fast(backend))
+        if got is None:
             continue
-        z = torch.randn(x.shape, generator=g2, dtype=dtype, device=dev)
-        want = fd.ddpm_step(x, m, row, c, noise=z, return_x0=True, backend=backend.name)
+        want = fd.ddpm_step(x, m, row, c, return_x0=True, backend=backend.name,
+                            **_draw(noise, x, g2))
         assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
         assert torch.equal(torch.randn(3, generator=g1, device=dev),
                            torch.randn(3, generator=g2, device=dev))
     # the default generator
     torch.manual_seed(11)
-    got = fd.step.randn_step(c, backend.name, x, m, 500, None)
+    got = fd.step.drawing_step(noise, c, backend.name, x, m, 500, None)
     torch.manual_seed(11)
-    z = torch.randn(x.shape, dtype=dtype, device=dev)
-    want = fd.ddpm_step(x, m, 500, c, noise=z, return_x0=True, backend=backend.name)
+    want = fd.ddpm_step(x, m, 500, c, return_x0=True, backend=backend.name,
+                        **_draw(noise, x, None))
     assert (got is None) == (not _has_fast(backend))
     assert got is None or torch.equal(got[0], want[0])
     # a list of generators is left to the caller, undrawn
-    g3 = torch.Generator(device=dev).manual_seed(9)
-    assert fd.step.randn_step(c, backend.name, x, m, 500, [g3, g3]) is None
-    assert torch.equal(g3.get_state(), torch.Generator(device=dev).manual_seed(9).get_state())
+    g3 = _gen(dev, 9)
+    assert fd.step.drawing_step(noise, c, backend.name, x, m, 500, [g3, g3]) is None
+    assert torch.equal(g3.get_state(), _gen(dev, 9).get_state())
+    with pytest.raises(ValueError, match="noise='gauss'"):
+        fd.step.drawing_step("gauss", c, backend.name, x, m, 500, g3)
