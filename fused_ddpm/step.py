@@ -163,7 +163,8 @@ class Prepared:
         self.forward = None           # the unchecked launcher, once a launch was checked
         self.backend_arg = backend
         self.plain_step = None        # the C++ PlainStep of this kind of call (made once)
-        self.fast = (self.plain and dense and out is None and not self.dynamic and
+        self.fast = (self.plain and self.has_model and dense and out is None and
+                     not self.dynamic and
                      self.record.torch_ops and type(t) is int and x.numel() > 0 and
                      all(a is None or type(a) is Tensor
                          for a in (x, model_output, noise, history)) and

@@ -165,6 +165,20 @@ def test_history_rows_still_checked(backend):
         fd.ddpm_step(x, m, needs[0], c, backend=backend.name)
 
 
+def test_add_noise_never_takes_a_plain_step(backend):
+    """fd.add_noise (the training op: no model output) with an int t stays on its own path."""
+    s = fd.NoiseSchedule(num_train_timesteps=1000)
+    x0 = torch.randn(2, 3, 4, 4, device=backend.device)
+    z = torch.randn(2, 3, 4, 4, device=backend.device)
+    for t in (10, 500, 999):
+        xt, target = fd.add_noise(x0, t, s, noise=z, backend=backend.name)
+        ab = float(s.alphas_cumprod[t])
+        want = ab ** 0.5 * x0.double() + (1 - ab) ** 0.5 * z.double()
+        assert torch.allclose(xt.double(), want, rtol=1e-5, atol=1e-5)
+        assert torch.equal(target, z)
+    assert not fd.training._coefficients(s, "epsilon")._fast
+
+
 def test_environment_override_is_read_per_call(monkeypatch):
     """backend="auto" keys the PlainStep by FUSED_DDPM_BACKEND: setting it after fast calls
     still changes the backend."""
