@@ -274,8 +274,11 @@ class PlainStep {
     outs.reserve(NUM_OUT);
     outs.push_back(y);
     outs.push_back(x0);
-    forward_op().call(ins, t, uses_seeds_ ? seeds : std::nullopt, table_, std::nullopt,
-                      std::nullopt, outs, flags_, scalars_);
+    {
+      py::gil_scoped_release no_gil;  // as torch.ops does while a kernel runs
+      forward_op().call(ins, t, uses_seeds_ ? seeds : std::nullopt, table_, std::nullopt,
+                        std::nullopt, outs, flags_, scalars_);
+    }
     if (!want_x0) return py::cast(y);
     return py::make_tuple(y, *x0);
   }
@@ -298,9 +301,10 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   using fused_ddpm::PlainStep;
   namespace py = pybind11;
   m.doc() = "fused_ddpm's C++ kernels: the step's launches without torch.ops' Python side";
-  m.def("step_forward", torch::wrap_pybind_function(&fused_ddpm::step_forward),
+  // The GIL is released while the kernels run, as torch.ops does.
+  m.def("step_forward", torch::wrap_pybind_function_no_gil(&fused_ddpm::step_forward),
         "step_forward_kernel through the C++ dispatcher (arguments as the op's)");
-  m.def("step_backward", torch::wrap_pybind_function(&fused_ddpm::step_backward),
+  m.def("step_backward", torch::wrap_pybind_function_no_gil(&fused_ddpm::step_backward),
         "step_backward_kernel through the C++ dispatcher (arguments as the op's)");
   py::class_<PlainStep>(m, "PlainStep")
       .def(py::init<at::Tensor, at::Tensor, std::vector<int64_t>, std::vector<double>,
