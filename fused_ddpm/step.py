@@ -128,7 +128,7 @@ class Prepared:
         self.h_free: Optional[Tensor] = None
         if coeffs.multistep and not self.has_history:
             terms &= ~(1 << int(Col.H))
-            self.h_free = coeffs.table64[:, int(Col.H)] == 0
+            self.h_free = ~torch.tensor(coeffs.reads_history)
             if isinstance(t, Tensor) and t.device.type != "cpu":
                 raise ValueError(f"history is needed by method={cfg.method!r} (the previous "
                                  f"step's x̂0); with a device tensor t pass one on every step, "
@@ -335,7 +335,7 @@ class Prepared:
             if direct is None or (self.device.type == "cuda" and
                                   torch.cuda.is_current_stream_capturing()):
                 return
-            h_free = [] if self.h_free is None else [not r for r in self.coeffs.reads_history]
+            h_free = [] if self.h_free is None else self.h_free.tolist()
             self.plain_step = direct.PlainStep(
                 self.table, self.coeffs.row_numbers(self.device), self.flags, self.scalars,
                 h_free, x, model_output, noise, seeds, history, self.external,

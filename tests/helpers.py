@@ -40,3 +40,15 @@ def random_inputs(coeffs: StepCoefficients, shape, dtype=torch.float64, generato
         fmt = torch.channels_last if len(shape) == 4 else torch.channels_last_3d
         out = [o.contiguous(memory_format=fmt) for o in out]
     return out
+
+
+def tiny_unet(channels: int = 3, **options):
+    """The pipeline tests' model: a diffusers ``UNet2DModel`` on 8×8 samples with
+    ``channels`` in and out channels (``options``: more constructor arguments), built right
+    after ``torch.manual_seed(0)``, in eval mode."""
+    from diffusers import UNet2DModel
+    torch.manual_seed(0)
+    return UNet2DModel(sample_size=8, in_channels=channels, out_channels=channels,
+                       layers_per_block=1, block_out_channels=(8, 16), norm_num_groups=4,
+                       down_block_types=("DownBlock2D", "DownBlock2D"),
+                       up_block_types=("UpBlock2D", "UpBlock2D"), **options).eval()

@@ -20,6 +20,8 @@ import fused_ddpm.diffusers as fdd  # noqa: E402
 from fused_ddpm.diffusers import (FusedDDIMScheduler, FusedDDPMScheduler,  # noqa: E402
                                   StockFallbackWarning)
 
+from helpers import tiny_unet  # noqa: E402
+
 pytestmark = pytest.mark.usefixtures("one_thread")
 RTOL = 1e-5
 
@@ -204,12 +206,7 @@ def test_numpy_timesteps():
 # ----------------------------------------------------------------------------- pipelines
 @pytest.fixture(scope="module")
 def unet():
-    from diffusers import UNet2DModel
-    torch.manual_seed(0)
-    return UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    return tiny_unet()
 
 
 def images(pipe, **kw):

@@ -20,6 +20,7 @@ from fused_ddpm.philox import philox_normal
 from fused_ddpm.step import SEED_HIGH
 
 from conftest import BACKEND_CASES
+from helpers import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import (DPMSolverMultistepScheduler,  # noqa: E402
@@ -355,12 +356,8 @@ def test_save_load_and_from_config_both_ways(tmp_path, fused_cls, stock_cls, cfg
 
 
 def test_pipeline_save_load_keeps_the_fused_class(tmp_path):
-    from diffusers import DDPMPipeline, UNet2DModel
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    from diffusers import DDPMPipeline
+    unet = tiny_unet()
     for cls in (FusedDPMSolverMultistepScheduler, FusedEulerAncestralDiscreteScheduler):
         DDPMPipeline(unet=unet, scheduler=cls(prediction_type="v_prediction")).save_pretrained(
             tmp_path / cls.__name__)

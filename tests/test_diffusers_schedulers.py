@@ -22,6 +22,7 @@ from fused_ddpm.contract import Col
 from fused_ddpm.step import SEED_HIGH
 
 from conftest import BACKEND_CASES
+from helpers import tiny_unet
 
 diffusers = pytest.importorskip("diffusers")
 from diffusers import DDIMScheduler, DDPMScheduler  # noqa: E402
@@ -425,12 +426,8 @@ def test_imports_without_diffusers(monkeypatch):
 
 # ----------------------------------------------------------------------------- pipeline
 def test_ddpm_pipeline_tiny_unet_same_images(backend):
-    from diffusers import DDPMPipeline, UNet2DModel
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    from diffusers import DDPMPipeline
+    unet = tiny_unet()
     images = []
     fused, stock = pair(FusedDDPMScheduler, DDPMScheduler, backend)
     for sched in (fused, stock):

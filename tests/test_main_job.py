@@ -20,6 +20,8 @@ from fused_ddpm.models.unet import MicroBatchedUNet, find_unet, load_unet
 from fused_ddpm.sample_cli import STOCK_SCHEDULERS, UsageError, class_labels, main, samplers
 from fused_ddpm.sample_job import sample_seeds, to_uint8_images
 
+from helpers import tiny_unet
+
 # Quality bounds for the shipped digits model (20 steps, 100 samples, 10 per class), judged
 # by an SVM trained on the 360 held-out digits, which itself labels the real training
 # digits ~95 % right. Chance is 10 %; an undertrained model (20 training steps) scores
@@ -246,12 +248,7 @@ def test_bad_input_is_refused_before_anything_is_written(tmp_path, capsys):
 
 def test_unconditional_model(tmp_path, capsys):
     """Any UNet2DModel directory works; class options are refused for an unconditional one."""
-    from diffusers import UNet2DModel
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=3, out_channels=3, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D"))
+    unet = tiny_unet()
     model_dir = tmp_path / "uncond"
     unet.save_pretrained(model_dir)
     out_dir = tmp_path / "out"

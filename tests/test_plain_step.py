@@ -16,6 +16,8 @@ from helpers import random_inputs
 from kernel_cases import coefficients
 
 SHAPES = [(1, 4, 8, 8), (3, 2, 5, 7), (2, 3, 9)]
+# relative tolerance (to max |y|) per dtype, as tests/test_fused_step.py
+TOL = {torch.float32: 2e-6, torch.float16: 2e-3, torch.bfloat16: 1.6e-2}
 DTYPES = [torch.float32, torch.float16, torch.bfloat16, torch.float64]
 CONFIGS = {
     "ddpm": dict(method="ddpm", prediction_type="epsilon", variance_type="fixed_small",
@@ -99,8 +101,9 @@ def test_fast_calls_give_the_validated_bits(backend, monkeypatch, name, dtype, n
             assert torch.equal(y, y2) and torch.equal(x0, x02), (shape, row)
             want = fd.reference.ddpm_step(x, m, row, c, return_x0=True, **kw)
             scale = float(want[0].abs().max().clamp(min=1e-6))
-            tol = {torch.float64: 1e-6, torch.float32: 1e-5}.get(dtype, 2e-2)
-            assert float((y.double() - want[0].double()).abs().max()) <= tol * scale * 8
+            # a few ulps of the storage type (float32's for float64: float32 noise)
+            tol = TOL[torch.float32 if dtype == torch.float64 else dtype]
+            assert float((y.double() - want[0].double()).abs().max()) <= tol * scale * 4
             # learned variances split the model output in Python: never the fast kind
             assert fast == (_has_fast(backend) and k > 0 and
                             not c.config.learned_variance), (shape, k)

@@ -12,6 +12,8 @@ from fused_ddpm.demo import GaussianMixture, sample_stats
 from fused_ddpm.philox import philox_normal
 from fused_ddpm.sampler import clear_graph_cache, initial_noise, sample
 
+from helpers import tiny_unet
+
 requires_cuda = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
 
 
@@ -179,12 +181,7 @@ def test_model_output_kinds(wrap):
 
 
 def test_diffusers_unet_is_a_model_as_it_is():
-    from diffusers import UNet2DModel
-    torch.manual_seed(0)
-    unet = UNet2DModel(sample_size=8, in_channels=1, out_channels=1, layers_per_block=1,
-                       block_out_channels=(8, 16), norm_num_groups=4, num_class_embeds=4,
-                       down_block_types=("DownBlock2D", "DownBlock2D"),
-                       up_block_types=("UpBlock2D", "UpBlock2D")).eval()
+    unet = tiny_unet(1, num_class_embeds=4)
     labels, null = torch.tensor([0, 2]), torch.tensor([3, 3])
     for method in ("ddim", "euler_ancestral"):
         coeffs = fd.step_coefficients(SCHED, method=method, num_inference_steps=3)
